@@ -1,0 +1,60 @@
+"""The `studio` command: one subcommand per job, each a thin shell over the Python API.
+
+Run `studio --help`. Each subcommand lives next to the code it drives and exposes
+`register(subparsers)`; the module is imported only when its subcommand is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from studio.errors import StudioError
+
+# subcommand -> (module holding `register(subparsers)`, one-line help)
+SUBCOMMANDS = {
+    "datasets": ("studio.data.cli", "register, list, inspect and remove datasets"),
+    "models": ("studio.models.cli", "build, inspect and plan memory for base models"),
+    "finetune": ("studio.finetune", "train a LoRA adapter on a (quantized) MoE base"),
+    "registry": ("studio.registry.cli", "versioned adapter registry: list, show, promote, push, pull"),
+    "serve": ("studio.server", "OpenAI-compatible server with per-request adapter hot-swap"),
+    "eval": ("studio.eval", "compare the base and adapters on held-out domain data"),
+    "ui": ("studio.ui.app", "launch the Gradio studio"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="studio", description="MoE LoRA Studio")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        parser.parse_args(argv or ["--help"])
+        return 2
+    name = argv[0]
+    module_name, help_ = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            print(f"error: `studio {name}` is not available in this version", file=sys.stderr)
+            return 2
+        raise
+    real = argparse.ArgumentParser(prog="studio")
+    real_sub = real.add_subparsers(dest="command", required=True)
+    module.register(real_sub)
+    args = real.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

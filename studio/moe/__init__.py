@@ -1,0 +1,1 @@
+"""MoE architecture knowledge: target discovery, expert quantization, expert LoRA, routing statistics."""

@@ -1,0 +1,329 @@
+"""Routed experts with bitsandbytes-quantized fused weights and per-expert LoRA factors.
+
+`StudioExperts` replaces a transformers fused-experts module (`mlp.experts` with 3D `gate_up_proj` /
+`down_proj`). Written by hand because neither bitsandbytes (quantizes only nn.Linear) nor PEFT (its
+`ParamWrapper` re-materialises W + BA for the whole expert stack, cannot wrap a quantized tensor and refuses
+dropout and mixed-adapter batches) covers it. It computes the same function as PEFT's `target_parameters`
+LoRA and stores its factors in the same layout, so saved adapters load with plain PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ExpertQuant:
+    """How fused expert weights are stored: bitsandbytes NF4/FP4 (blockwise) or int8 (row-wise absmax)."""
+    bits: int = 4                      # 4 or 8
+    quant_type: str = "nf4"            # nf4 | fp4 (4-bit only)
+    double_quant: bool = False         # quantize the 4-bit absmax statistics too
+    blocksize: int = 64
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ValueError(f"expert quantization bits must be 4 or 8, got {self.bits}")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+
+
+class _QuantizedExpertMatmul(torch.autograd.Function):
+    """y = x @ W_e (or x W_e^T) with W_e dequantized on the fly. Saves nothing large for backward: the
+    weight is frozen, so backward only needs W_e again, which is dequantized a second time (as bnb does)."""
+
+    @staticmethod
+    def forward(ctx, x, owner, name, expert):
+        w = owner.expert_weight(name, expert, x.dtype)
+        ctx.owner, ctx.name, ctx.expert = owner, name, expert
+        return x @ w if owner.is_transposed else F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = ctx.owner.expert_weight(ctx.name, ctx.expert, grad.dtype)
+        grad_x = grad @ w.t() if ctx.owner.is_transposed else grad @ w
+        return grad_x, None, None, None
+
+
+class ExpertLora(nn.Module):
+    """One adapter's factors for every targeted fused parameter, in PEFT's `target_parameters` layout:
+    lora_A [r*E, in] (expert-major rows), lora_B [out, r*E] (rank-major columns)."""
+
+    def __init__(self, layouts: dict[str, tuple[int, int, int]], r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        self.r, self.alpha, self.num_experts = r, alpha, None
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name, (e, fan_in, fan_out) in layouts.items():
+            self.num_experts = e
+            a = torch.empty(r * e, fan_in)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default init for lora_A
+            self.lora_A[name] = nn.Parameter(a)
+            self.lora_B[name] = nn.Parameter(torch.zeros(fan_out, r * e))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def factors(self, name: str, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.lora_A[name], self.lora_B[name]
+        e = self.num_experts
+        a_e = a.view(e, self.r, a.shape[-1])[expert]           # [r, in]
+        b_e = b.view(b.shape[0], self.r, e)[:, :, expert]      # [out, r]
+        return a_e.to(dtype), b_e.to(dtype)
+
+    def delta(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        a_e, b_e = self.factors(name, expert, x.dtype)
+        return F.linear(F.linear(self.dropout(x), a_e), b_e) * self.scaling
+
+
+class StudioExperts(nn.Module):
+    """Fused routed experts: frozen (optionally quantized) weights + any number of named LoRA adapters.
+
+    Forward signature and routing loop match transformers' eager experts; only the projections differ:
+    each hit expert's weight is dequantized alone, and each adapter's low-rank update is applied only to the
+    tokens routed to that expert. Rows of one batch may use different adapters (`row_adapters`).
+    """
+
+    def __init__(self, original: nn.Module, quant: ExpertQuant | None = None,
+                 compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        params = dict(original.named_parameters(recurse=False))
+        self.weight_names = tuple(n for n, p in params.items() if p.dim() == 3)
+        if len(self.weight_names) != 2:
+            raise ValueError(f"expected two fused expert projections, found {self.weight_names}")
+        self.num_experts = params[self.weight_names[0]].shape[0]
+        self.is_transposed = bool(getattr(original, "is_transposed", False))
+        self.quant = quant
+        self.compute_dtype = compute_dtype or params[self.weight_names[0]].dtype
+        self.original_class = type(original)
+        self._gate_fn = getattr(type(original), "_apply_gate", None)
+        # Attributes the family's gate function reads (act_fn, alpha, limit, ...), shared not copied.
+        for key, value in vars(original).items():
+            if not key.startswith("_") and key not in ("training",) and not isinstance(value, torch.Tensor):
+                setattr(self, key, value)
+        for key, child in original.named_children():
+            self.add_module(key, child)
+        self._shapes: dict[str, tuple[int, int, int]] = {}
+        for name in self.weight_names:
+            w = params[name].detach()
+            self._shapes[name] = tuple(w.shape)
+            if quant is None:
+                self.register_parameter(name, nn.Parameter(w, requires_grad=False))
+            else:
+                self._store_quantized(name, w)
+            bias = params.get(f"{name}_bias")
+            if bias is not None:
+                self.register_parameter(f"{name}_bias", nn.Parameter(bias.detach(), requires_grad=False))
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.row_adapters: list[str | None] | None = None  # mixed batches: one adapter name (or None) per row
+
+    # ---------- storage ----------
+    def _store_quantized(self, name: str, w: torch.Tensor) -> None:
+        import bitsandbytes.functional as bnbf
+
+        q = self.quant
+        if q.bits == 8:
+            cbs, scbs = [], []
+            for e in range(w.shape[0]):
+                cb, scb, _ = bnbf.int8_vectorwise_quant(w[e].to(torch.float16))
+                cbs.append(cb)
+                scbs.append(scb.float())
+            self.register_buffer(f"{name}_int8", torch.stack(cbs))
+            self.register_buffer(f"{name}_scale", torch.stack(scbs))
+            return
+        packed, absmax, absmax2, offsets = [], [], [], []
+        code = code2 = None
+        for e in range(w.shape[0]):
+            p, state = bnbf.quantize_4bit(w[e].contiguous(), blocksize=q.blocksize,
+                                          compress_statistics=q.double_quant, quant_type=q.quant_type)
+            packed.append(p.view(-1))
+            absmax.append(state.absmax)
+            code = state.code
+            if state.nested:
+                absmax2.append(state.state2.absmax)
+                offsets.append(state.offset.reshape(1).float())
+                code2 = state.state2.code
+        self.register_buffer(f"{name}_nf4", torch.stack(packed))
+        self.register_buffer(f"{name}_absmax", torch.stack(absmax))
+        self.register_buffer(f"{name}_code", code)
+        if q.double_quant:
+            self.register_buffer(f"{name}_absmax2", torch.stack(absmax2))
+            self.register_buffer(f"{name}_offset", torch.cat(offsets))
+            self.register_buffer(f"{name}_code2", code2)
+
+    def layout(self, name: str) -> tuple[int, int, int, bool]:
+        """(experts, in_features, out_features, transposed) of a fused parameter."""
+        e, a, b = self._shapes[name]
+        return (e, a, b, True) if self.is_transposed else (e, b, a, False)
+
+    def expert_weight(self, name: str, expert: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Expert `expert`'s weight of projection `name` as a dense tensor (dequantized if stored quantized)."""
+        dtype = dtype or self.compute_dtype
+        if self.quant is None:
+            return getattr(self, name)[expert].to(dtype)
+        import bitsandbytes.functional as bnbf
+
+        _, rows, cols = self._shapes[name]
+        if self.quant.bits == 8:
+            cb = getattr(self, f"{name}_int8")[expert]
+            scale = getattr(self, f"{name}_scale")[expert]
+            return (cb.float() * (scale.unsqueeze(1) / 127.0)).to(dtype)
+        q = self.quant
+        state2 = None
+        absmax = getattr(self, f"{name}_absmax")[expert]
+        offset = None
+        if q.double_quant:
+            state2 = bnbf.QuantState(absmax=getattr(self, f"{name}_absmax2")[expert],
+                                     code=getattr(self, f"{name}_code2"), blocksize=256, dtype=torch.float32)
+            offset = getattr(self, f"{name}_offset")[expert]
+        state = bnbf.QuantState(absmax=absmax, shape=torch.Size((rows, cols)), code=getattr(self, f"{name}_code"),
+                                blocksize=q.blocksize, quant_type=q.quant_type, dtype=dtype,
+                                offset=offset, state2=state2)
+        packed = getattr(self, f"{name}_nf4")[expert].unsqueeze(1)
+        return bnbf.dequantize_4bit(packed, state)
+
+    def storage_bytes(self) -> int:
+        """Bytes held for the fused expert weights (quantized data + statistics, or the dense tensors)."""
+        total = 0
+        for name in self.weight_names:
+            for key, t in list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False)):
+                if key == name or (key.startswith(f"{name}_") and not key.endswith("_bias")):
+                    total += t.numel() * t.element_size()
+        return total
+
+    # ---------- adapters ----------
+    def lora_layouts(self, names: tuple[str, ...] | None = None) -> dict[str, tuple[int, int, int]]:
+        out = {}
+        for name in names or self.weight_names:
+            e, fan_in, fan_out, _ = self.layout(name)
+            out[name] = (e, fan_in, fan_out)
+        return out
+
+    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float = 0.0,
+                    targets: tuple[str, ...] | None = None, use_rslora: bool = False) -> ExpertLora:
+        if adapter in self.adapters:
+            raise ValueError(f"adapter {adapter!r} already exists on this experts module")
+        unknown = set(targets or ()) - set(self.weight_names)
+        if unknown:
+            raise ValueError(f"unknown expert parameters {sorted(unknown)}; have {list(self.weight_names)}")
+        device = next(iter(self.buffers()), next(iter(self.parameters()), torch.empty(0))).device
+        lora = ExpertLora(self.lora_layouts(targets), r, alpha, dropout, use_rslora).to(device)
+        self.adapters[adapter] = lora
+        if not self.active_adapters:
+            self.active_adapters = [adapter]
+        return lora
+
+    def delete_adapter(self, adapter: str) -> None:
+        if adapter in self.adapters:
+            del self.adapters[adapter]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter]
+
+    # ---------- forward ----------
+    def _project(self, name: str, expert: int, x: torch.Tensor, token_rows: torch.Tensor | None,
+                 row_ids: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is None:
+            w = getattr(self, name)[expert].to(x.dtype)
+            y = x @ w if self.is_transposed else F.linear(x, w)
+        else:
+            y = _QuantizedExpertMatmul.apply(x, self, name, expert)
+        bias = getattr(self, f"{name}_bias", None)
+        if bias is not None:
+            y = y + bias[expert].to(y.dtype)
+        if row_ids is None:
+            for adapter in self.active_adapters:
+                lora = self.adapters[adapter]
+                if name in lora.lora_A:
+                    y = y + lora.delta(name, expert, x)
+            return y
+        # mixed batch: each token takes the adapter of its row
+        for idx, adapter in enumerate(self._mixed_names):
+            lora = self.adapters[adapter]
+            if name not in lora.lora_A:
+                continue
+            sel = (row_ids[token_rows] == idx).nonzero(as_tuple=True)[0]
+            if sel.numel():
+                y = y.index_add(0, sel, lora.delta(name, expert, x[sel]))
+        return y
+
+    def _gate(self, h: torch.Tensor) -> torch.Tensor:
+        if self._gate_fn is not None:
+            return self._gate_fn(self, h)
+        gate, up = h.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                **kwargs) -> torch.Tensor:
+        row_ids, token_row = self._mixed_rows(hidden_states.shape[0])
+        final = torch.zeros_like(hidden_states)
+        first, second = self.weight_names
+        with torch.no_grad():
+            mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in hit.flatten().tolist():
+            if expert == self.num_experts:
+                continue
+            pos, tok = torch.where(mask[expert])
+            rows = token_row[tok] if token_row is not None else None
+            h = self._project(first, expert, hidden_states[tok], rows, row_ids)
+            h = self._gate(h)
+            out = self._project(second, expert, h, rows, row_ids)
+            out = out * top_k_weights[tok, pos, None]
+            final.index_add_(0, tok, out.to(final.dtype))
+        return final
+
+    def _mixed_rows(self, num_tokens: int):
+        if self.row_adapters is None:
+            return None, None
+        names = sorted({a for a in self.row_adapters if a is not None})
+        self._mixed_names = names
+        ids = torch.tensor([names.index(a) if a is not None else -1 for a in self.row_adapters])
+        per_row = num_tokens // len(self.row_adapters)
+        token_row = torch.arange(num_tokens) // per_row
+        return ids, token_row
+
+    def extra_repr(self) -> str:
+        q = "none" if self.quant is None else f"{self.quant.bits}bit/{self.quant.quant_type}"
+        return (f"experts={self.num_experts}, weights={self.weight_names}, transposed={self.is_transposed}, "
+                f"quant={q}, adapters={list(self.adapters)}")
+
+
+def replace_experts(model: nn.Module, paths: list[str], quant: ExpertQuant | None,
+                    compute_dtype: torch.dtype | None = None) -> dict[str, StudioExperts]:
+    """Swap each fused-experts module at `paths` for a StudioExperts (quantizing as asked), freeing the
+    original dense tensors one layer at a time."""
+    out = {}
+    for path in paths:
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        original = getattr(parent, child)
+        if isinstance(original, StudioExperts):
+            out[path] = original
+            continue
+        new = StudioExperts(original, quant, compute_dtype)
+        setattr(parent, child, new)
+        for name in new.weight_names:  # drop the dense copy now, not at the end
+            if hasattr(original, name):
+                delattr(original, name)
+        out[path] = new
+    return out
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, row_adapters: list[str | None]):
+    """Within the block, every StudioExperts module applies row i's adapter to row i's tokens."""
+    modules = [m for m in model.modules() if isinstance(m, StudioExperts)]
+    for m in modules:
+        m.row_adapters = list(row_adapters)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.row_adapters = None

@@ -1,0 +1,51 @@
+"""Where the studio keeps things: model cache, datasets registry, adapter registry.
+
+Every root can be moved with an environment variable, which is how tests isolate themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = PACKAGE_DIR / "assets"
+
+
+def repo_root() -> Path | None:
+    """The source checkout this package runs from (editable install), or None."""
+    root = PACKAGE_DIR.parent
+    return root if (root / "pyproject.toml").exists() and (root / "datasets_registry").is_dir() else None
+
+
+def studio_home() -> Path:
+    return Path(os.environ.get("STUDIO_HOME", Path.home() / ".cache" / "studio")).expanduser()
+
+
+def models_cache() -> Path:
+    """Cache of locally built bases (the embedded `tiny-moe`, tiny test architectures)."""
+    return Path(os.environ.get("STUDIO_MODELS_CACHE", studio_home() / "models")).expanduser()
+
+
+def shipped_datasets_dir() -> Path:
+    """The sample domain datasets that ship with the studio (law, medicine, code)."""
+    root = repo_root()
+    return (root if root else PACKAGE_DIR.parent) / "datasets_registry"
+
+
+def datasets_root() -> Path:
+    """Root of the datasets registry catalog (SQLite) and its stored versions."""
+    env = os.environ.get("STUDIO_DATASETS_ROOT")
+    if env:
+        return Path(env).expanduser()
+    root = repo_root()
+    return root / "datasets_registry" if root else studio_home() / "datasets"
+
+
+def adapters_root() -> Path:
+    """Root of the adapter registry (SQLite catalog + content-addressed blobs)."""
+    env = os.environ.get("STUDIO_ADAPTERS_ROOT")
+    if env:
+        return Path(env).expanduser()
+    root = repo_root()
+    return root / "adapters" if root else studio_home() / "adapters"
