@@ -1,0 +1,160 @@
+"""Fine-tune a LoRA adapter on a (quantized) MoE base: `python -m studio.finetune --dataset law`.
+
+Flags override `--config recipe.yaml`; `--dry-run` prints the plan and a memory estimate without loading weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from studio.errors import StudioError
+from studio.train import TrainConfig
+
+_BOOL_FIELDS = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("bool", bool)}
+_SHORT = {"grad_accum": "--grad-accum", "seq_len": "--seq-len", "learning_rate": "--lr"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # ---- recipe & modes
+    parser.add_argument("--config", help="YAML recipe; command-line flags override its values")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the LoRA plan and a memory estimate, then exit without loading weights")
+    parser.add_argument("--device-memory", default=None,
+                        help="memory budget for the dry-run check, e.g. 80GiB (default: this machine's)")
+    # ---- every TrainConfig field, with its help text
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag] + ([_SHORT[f.name]] if f.name in _SHORT and _SHORT[f.name] != flag else [])
+        help_ = f.metadata.get("help", "")
+        if f.name in _BOOL_FIELDS:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_} (default: {f.default})")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], None)
+            if f.name in ("router_aux_coef",):
+                kind = float
+            parser.add_argument(*names, dest=f.name, type=kind or str, default=None,
+                                help=f"{help_} (default: {f.default})")
+
+
+def load_recipe(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise StudioError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise StudioError(f"recipe {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise StudioError(f"recipe {path} must be a mapping of TrainConfig fields, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        import difflib
+
+        hints = [f"{u} (did you mean {difflib.get_close_matches(u, known, 1)[0]}?)"
+                 if difflib.get_close_matches(u, known, 1) else u for u in unknown]
+        raise StudioError(f"recipe {path}: unknown keys {', '.join(hints)}")
+    return data
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = load_recipe(args.config) if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as exc:
+        raise StudioError(f"invalid training configuration: {exc}") from exc
+    cfg.lora_settings()  # validates r, alpha, dropout early
+    return cfg
+
+
+def dry_run(cfg: TrainConfig, device_memory: str | None = None) -> int:
+    """Plan on a weightless (meta-device) copy of the base and estimate memory; loads no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from studio.models.memory import estimate_training_memory, format_comparison, parse_bytes
+    from studio.models.resolve import require_moe, resolve_base
+    from studio.moe.arch import find_components, resolve_arch
+    from studio.moe.experts import replace_experts
+    from studio.moe.plan import build_plan
+
+    resolved = resolve_base(cfg.base, config_only=True)
+    config = resolved.config
+    require_moe(config, cfg.base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    arch = resolve_arch(model)
+    comps = find_components(model, arch)
+    replace_experts(model, comps.routed_experts, None)
+    plan = build_plan(model, arch, comps, cfg.targets, cfg.lora_settings())
+    print(plan.format())
+    budget = parse_bytes(device_memory) if device_memory else None
+    groups = {g.group for g in plan.groups}
+    estimates = [estimate_training_memory(config, quant=q, r=cfg.r, targets=sorted(groups), seq_len=cfg.seq_len,
+                                          batch_size=cfg.batch_size, grad_checkpointing=cfg.grad_checkpointing,
+                                          double_quant=cfg.double_quant, device_bytes=budget)
+                 for q in dict.fromkeys([cfg.quant, "4bit", "none"])]
+    print()
+    print(format_comparison(estimates))
+    chosen = estimates[0]
+    if not chosen.fits(budget):
+        print(f"\nwarning: quant={cfg.quant} is estimated NOT to fit; try --quant 4bit, a smaller --batch-size or "
+              f"--seq-len, or --grad-checkpointing", file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from studio.train import run_training
+
+    cfg = config_from_args(args)
+    if args.dry_run:
+        return dry_run(cfg, args.device_memory)
+    result = run_training(cfg)
+    m = result.metrics
+    print()
+    if "eval_loss_before" in m and "eval_loss" in m:
+        delta = m["eval_loss"] - m["eval_loss_before"]
+        print(f"held-out loss on {cfg.dataset}: before {m['eval_loss_before']:.4f} -> after {m['eval_loss']:.4f} "
+              f"({delta:+.4f}, perplexity {m.get('eval_perplexity', float('nan')):.2f})")
+    print(f"adapter: {result.adapter_dir}" + (f"  registry: {result.registry_ref}" if result.registry_ref else ""))
+    if result.cancelled:
+        print(f"training was cancelled; resume with --output {result.run_dir} --resume latest")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("finetune", help="train a LoRA adapter on a (quantized) MoE base",
+                              description=__doc__)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m studio.finetune", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

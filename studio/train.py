@@ -1,0 +1,410 @@
+"""The trainer: LoRA on a (quantized) MoE base with TRL's SFTTrainer (accelerate underneath).
+
+`run_training(TrainConfig(...))` is what `python -m studio.finetune` and the UI's worker call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from studio.errors import DatasetError, ModelError
+from studio.moe.plan import LoraSettings
+
+
+@dataclass
+class TrainConfig:
+    # what
+    base: str = field(default="tiny-moe", metadata={"help": "embedded name | local dir | hub id"})
+    dataset: str = field(default="law", metadata={"help": "dataset registry ref (law, law@v2) or a file path"})
+    domain: str | None = field(default=None, metadata={"help": "registry domain (default: the dataset name)"})
+    # quantization
+    quant: str = field(default="4bit", metadata={"help": "none | 8bit | 4bit (experts included)"})
+    quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4"})
+    double_quant: bool = field(default=False, metadata={"help": "quantize the 4-bit statistics too"})
+    compute_dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    # LoRA
+    targets: str = field(default="attention,experts", metadata={"help": "preset or names, comma separated"})
+    r: int = field(default=16, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha"})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r)"})
+    train_router: bool = field(default=False, metadata={"help": "also train the router (frozen by default)"})
+    # optimisation
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    epochs: float = field(default=1.0, metadata={"help": "epochs (ignored when max_steps > 0)"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps"})
+    batch_size: int = field(default=4, metadata={"help": "per-device batch size"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    seq_len: int = field(default=512, metadata={"help": "max tokens per example (or per pack)"})
+    packing: bool = field(default=False, metadata={"help": "pack examples into full sequences"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup share"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    router_aux_coef: float | None = field(default=None, metadata={"help": "router aux loss coefficient "
+                                                                          "(default: the architecture's)"})
+    # bookkeeping
+    eval_steps: int = field(default=50, metadata={"help": "held-out eval every N steps (0: only at the end)"})
+    save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps"})
+    logging_steps: int = field(default=5, metadata={"help": "log every N steps"})
+    output: str | None = field(default=None, metadata={"help": "run directory (default runs/<domain>-<time>)"})
+    resume: str | None = field(default=None, metadata={"help": "checkpoint dir, or 'latest' in --output"})
+    seed: int = field(default=42, metadata={"help": "seed for init, data order and dropout"})
+    register: bool = field(default=True, metadata={"help": "register the adapter in the adapter registry"})
+    cancel_file: str | None = field(default=None, metadata={"help": "training stops cleanly when this file appears"})
+    device: str | None = field(default=None, metadata={"help": "cuda | cpu (default: cuda if available)"})
+
+    def lora_settings(self) -> LoraSettings:
+        return LoraSettings(r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora,
+                            train_router=self.train_router)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    adapter_dir: str
+    metrics: dict
+    registry_ref: str | None = None
+    cancelled: bool = False
+    model: object = field(default=None, repr=False)  # the trained model, for in-process callers
+
+
+def _build_trainer_class():
+    """SFTTrainer whose checkpoints hold only the adapter (PEFT format), not the whole quantized model."""
+    from trl import SFTTrainer
+
+    class StudioSFTTrainer(SFTTrainer):
+        studio_plan = None
+        studio_base_id = None
+
+        def _save(self, output_dir=None, state_dict=None):
+            from studio.adapters import save_adapter
+
+            if not self.args.should_save:
+                return
+            output_dir = output_dir or self.args.output_dir
+            save_adapter(self.model, self.studio_plan, output_dir, "default", base_id=self.studio_base_id,
+                         metadata={"checkpoint": True})
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            from safetensors.torch import load_file
+
+            from studio.adapters import adapter_parameters, router_parameters
+
+            weights = load_file(os.path.join(resume_from_checkpoint, "adapter_model.safetensors"))
+            live = adapter_parameters(model or self.model, "default")
+            live.update(router_parameters(model or self.model, self.studio_plan))
+            missing = sorted(set(live) - set(weights))
+            if missing:
+                raise ModelError(f"checkpoint {resume_from_checkpoint} lacks {len(missing)} adapter tensors "
+                                 f"(e.g. {missing[0]}): was it made with another plan?")
+            with torch.no_grad():
+                for k, p in live.items():
+                    p.copy_(weights[k].to(p.dtype))
+
+    return StudioSFTTrainer
+
+
+class _Cancel:
+    """Ctrl-C or a cancel file ask the trainer to stop after the current step and save a checkpoint."""
+
+    def __init__(self, cancel_file: str | None):
+        self.cancel_file = cancel_file
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame):
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ncancel requested: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
+              flush=True)
+
+    def check(self) -> bool:
+        if not self.requested and self.cancel_file and os.path.exists(self.cancel_file):
+            self.requested = True
+        return self.requested
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _callbacks(cancel: _Cancel, log_path: Path, aux_coef: float, on_event):
+    from transformers import TrainerCallback
+
+    class StudioCallback(TrainerCallback):
+        """Cancel checks, a JSONL event log (the UI plots it) and LM loss logged apart from the aux loss."""
+
+        def __init__(self):
+            self.t0 = time.time()
+            self.last = (self.t0, 0)
+
+        def _emit(self, event: dict):
+            with open(log_path, "a") as f:
+                f.write(json.dumps(event) + "\n")
+            if on_event:
+                on_event(event)
+
+        def on_train_begin(self, args, state, control, **kw):
+            self._emit({"event": "train_begin", "max_steps": state.max_steps, "time": time.time()})
+
+        def on_step_end(self, args, state, control, **kw):
+            if cancel.check():
+                control.should_training_stop = True
+                control.should_save = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            now = time.time()
+            tokens = logs.get("num_tokens")
+            if tokens is not None:
+                dt = max(now - self.last[0], 1e-9)
+                logs["tokens_per_s"] = (tokens - self.last[1]) / dt
+                self.last = (now, tokens)
+            if "loss" in logs and "aux_loss" in logs:
+                logs["lm_loss"] = logs["loss"] - aux_coef * logs["aux_loss"]
+            elapsed = now - self.t0
+            if state.global_step and state.max_steps:
+                logs["eta_s"] = elapsed / state.global_step * (state.max_steps - state.global_step)
+            self._emit({"event": "log", "step": state.global_step, "max_steps": state.max_steps,
+                        "time": now, **logs})
+
+    from transformers.trainer_callback import ProgressCallback
+
+    class StudioProgress(ProgressCallback):
+        """The step bar shows loss, eval loss and tokens/s in its postfix instead of printing log dicts."""
+
+        def __init__(self):
+            super().__init__()
+            self.postfix: dict = {}
+            self.last = (time.time(), 0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or self.training_bar is None:
+                return
+            logs = logs or {}
+            if "loss" in logs:
+                self.postfix["loss"] = f"{logs['loss']:.4f}"
+            if "eval_loss" in logs:
+                self.postfix["eval"] = f"{logs['eval_loss']:.4f}"
+            if "aux_loss" in logs:
+                self.postfix["aux"] = f"{logs['aux_loss']:.3f}"
+            if "num_tokens" in logs:
+                now = time.time()
+                self.postfix["tok/s"] = f"{(logs['num_tokens'] - self.last[1]) / max(now - self.last[0], 1e-9):.0f}"
+                self.last = (now, logs["num_tokens"])
+            self.training_bar.set_postfix(self.postfix, refresh=True)
+
+    return [StudioCallback(), StudioProgress()]
+
+
+def _filter_rows(rows, tokenizer, seq_len: int):
+    """Drop examples whose prompt alone fills the sequence (no assistant token would be trained)."""
+    kept, dropped = [], 0
+    for messages in rows:
+        last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = tokenizer.apply_chat_template(messages[:last_assistant], add_generation_prompt=True, tokenize=True)
+        prompt_ids = prompt["input_ids"] if isinstance(prompt, dict) else prompt
+        if len(prompt_ids) < seq_len - 1:
+            kept.append(messages)
+        else:
+            dropped += 1
+    return kept, dropped
+
+
+def check_seq_len(tokenizer, seq_len: int) -> int:
+    """The chat template's own overhead; a sequence length that cannot hold it plus one token is an error."""
+    empty = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                          tokenize=True)
+    ids = empty["input_ids"] if isinstance(empty, dict) else empty
+    if seq_len <= len(ids):
+        raise DatasetError(f"--seq-len {seq_len} is too short: the chat template alone takes {len(ids)} tokens for a "
+                           f"one-word exchange. Use --seq-len {max(64, 4 * len(ids))} or more.")
+    return len(ids)
+
+
+def default_run_dir(domain: str) -> Path:
+    return Path("runs") / f"{domain}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _latest_checkpoint(run_dir: Path) -> str | None:
+    ckpts = sorted(run_dir.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def prepare(cfg: TrainConfig, log=print):
+    """Load data and base, plan LoRA; everything before the first step. Returns a dict of pieces."""
+    from studio.data import resolve_dataset
+    from studio.models.loading import QuantSpec, format_memory, load_base
+    from studio.moe.plan import build_plan
+
+    dataset = resolve_dataset(cfg.dataset)
+    domain = cfg.domain or dataset.name
+    quant = QuantSpec(mode=cfg.quant, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                      compute_dtype=cfg.compute_dtype)
+    settings = cfg.lora_settings()
+    loaded = load_base(cfg.base, quant, device=cfg.device)
+    log(f"base {cfg.base} ({loaded.arch.family}) loaded with quant={cfg.quant}; memory by component:")
+    log(format_memory(loaded.memory))
+    check_seq_len(loaded.tokenizer, cfg.seq_len)
+    train_rows, dropped_train = _filter_rows(dataset.train_messages(), loaded.tokenizer, cfg.seq_len)
+    eval_rows, dropped_eval = _filter_rows(dataset.eval_messages(), loaded.tokenizer, cfg.seq_len)
+    if not train_rows:
+        raise DatasetError(f"dataset {dataset.ref} is empty after filtering: all {dropped_train} training rows have "
+                           f"prompts longer than --seq-len {cfg.seq_len}. Raise --seq-len or shorten the prompts.")
+    if dropped_train or dropped_eval:
+        log(f"dropped {dropped_train} train / {dropped_eval} eval rows whose prompt exceeds --seq-len {cfg.seq_len}")
+    plan = build_plan(loaded.model, loaded.arch, loaded.components, cfg.targets, settings)
+    log(plan.format())
+    return dict(dataset=dataset, domain=domain, loaded=loaded, plan=plan, train_rows=train_rows,
+                eval_rows=eval_rows, dropped={"train": dropped_train, "eval": dropped_eval})
+
+
+def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig
+
+    from studio.adapters import apply_plan, save_adapter
+
+    set_seed(cfg.seed)
+    p = prepare(cfg, log)
+    loaded, plan, dataset = p["loaded"], p["plan"], p["dataset"]
+    model = loaded.model
+    set_seed(cfg.seed)  # LoRA init does not depend on how much randomness loading consumed
+    apply_plan(model, plan, "default", trainable=True)
+    # The model carries trainable adapters; tell transformers so it accepts a quantized base for training.
+    model._hf_peft_config_loaded = True
+    run_dir = Path(cfg.output) if cfg.output else default_run_dir(p["domain"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    log_path = run_dir / "training_log.jsonl"
+    resume = cfg.resume
+    if resume == "latest":
+        resume = _latest_checkpoint(run_dir)
+        if resume is None:
+            raise ModelError(f"--resume latest: no checkpoint under {run_dir}/checkpoints")
+    if resume and not Path(resume).is_dir():
+        raise ModelError(f"--resume {resume}: no such checkpoint directory")
+    device = next(model.parameters()).device
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and cfg.compute_dtype in ("auto", "bfloat16")
+    aux_coef = cfg.router_aux_coef if cfg.router_aux_coef is not None else (
+        getattr(model.config, "router_aux_loss_coef", 0.0) if loaded.arch.aux_loss else 0.0)
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"), seed=cfg.seed, data_seed=cfg.seed,
+        learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, max_length=cfg.seq_len, packing=cfg.packing,
+        assistant_only_loss=True, gradient_checkpointing=cfg.grad_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=use_bf16,
+        use_cpu=device.type == "cpu", lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if cfg.eval_steps > 0 else "no", eval_steps=cfg.eval_steps or None,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=3, report_to="none",
+        router_aux_loss_coef=aux_coef, dataset_num_proc=None, remove_unused_columns=True,
+        disable_tqdm=False, ddp_find_unused_parameters=False,
+    )
+    trainer_cls = _build_trainer_class()
+    train_ds = Dataset.from_list([{"messages": m} for m in p["train_rows"]])
+    eval_ds = Dataset.from_list([{"messages": m} for m in p["eval_rows"]]) if p["eval_rows"] else None
+    with _Cancel(cfg.cancel_file) as cancel:
+        trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                              processing_class=loaded.tokenizer,
+                              callbacks=_callbacks(cancel, log_path, aux_coef, on_event))
+        from transformers.trainer_callback import ProgressCallback
+
+        for cb in [c for c in trainer.callback_handler.callbacks if type(c) is ProgressCallback]:
+            trainer.remove_callback(cb)  # replaced by StudioProgress
+        trainer.studio_plan, trainer.studio_base_id = plan, cfg.base
+        metrics: dict = {}
+        if eval_ds is not None and not resume:
+            before = trainer.evaluate()
+            metrics["eval_loss_before"] = _lm_loss(before, aux_coef, "eval_")
+            log(f"held-out loss before training: {metrics['eval_loss_before']:.4f}")
+        out = trainer.train(resume_from_checkpoint=resume)
+        metrics["train_loss"] = out.training_loss
+        metrics["steps"] = trainer.state.global_step
+        cancelled = cancel.requested
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    if history:
+        metrics["final_train_loss"] = history[-1]["loss"]
+    if eval_ds is not None:
+        after = trainer.evaluate()
+        metrics["eval_loss"] = _lm_loss(after, aux_coef, "eval_")
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+        if "eval_aux_loss" in after:
+            metrics["eval_aux_loss"] = after["eval_aux_loss"]
+        log(f"held-out loss after training:  {metrics['eval_loss']:.4f}")
+    aux = [h["aux_loss"] for h in trainer.state.log_history if "aux_loss" in h]
+    if aux:
+        metrics["aux_loss"] = aux[-1]
+    result = TrainResult(run_dir=str(run_dir), adapter_dir=str(run_dir / "adapter"), metrics=metrics,
+                         cancelled=cancelled, model=model)
+    if not trainer.args.should_save:  # non-main DDP ranks stop here
+        return result
+    metadata = {
+        "domain": p["domain"],
+        "base": loaded.describe() | {"id": cfg.base},
+        "quantization": asdict(loaded.quant),
+        "memory": loaded.memory,
+        "dataset": {"ref": dataset.ref, "name": dataset.name, "version": dataset.number, "hash": dataset.hash,
+                    "dropped": p["dropped"]},
+        "hyperparameters": asdict(cfg),
+        "metrics": metrics,
+        "library_versions": library_versions(),
+        "cancelled": cancelled,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    save_adapter(model, plan, result.adapter_dir, "default", base_id=cfg.base, metadata=metadata)
+    if log_path.exists():
+        import shutil
+
+        shutil.copy(log_path, Path(result.adapter_dir) / "training_log.jsonl")
+    if cfg.register and not cancelled:
+        result.registry_ref = _register(result.adapter_dir, p["domain"], log)
+    return result
+
+
+def _lm_loss(metrics: dict, aux_coef: float, prefix: str) -> float:
+    loss = metrics[f"{prefix}loss"]
+    if f"{prefix}aux_loss" in metrics:
+        loss -= aux_coef * metrics[f"{prefix}aux_loss"]
+    return float(loss)
+
+
+def _register(adapter_dir: str, domain: str, log) -> str | None:
+    try:
+        from studio.registry import AdapterRegistry
+    except ImportError:
+        log(f"adapter written to {adapter_dir} (the adapter registry is not available)")
+        return None
+    version = AdapterRegistry().register(adapter_dir, domain=domain)
+    log(f"registered {version.ref} in the adapter registry")
+    return version.ref

@@ -1,0 +1,200 @@
+"""Quantized experts + expert LoRA on the six supported MoE families (tiny models, CPU)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from studio.adapters import adapter_parameters, apply_plan, load_adapter, save_adapter, set_active_adapter
+from studio.errors import ModelError, PlanError
+from studio.models.loading import QuantSpec, load_base
+from studio.models.tiny import EMBEDDED, build_model
+from studio.moe.experts import StudioExperts, mixed_batch
+from studio.moe.plan import LoraSettings, build_plan
+
+ARCHS = list(EMBEDDED)
+
+
+def _tokens(n=2, s=24, seed=0):
+    return torch.randint(6, 2000, (n, s), generator=torch.Generator().manual_seed(seed))
+
+
+def _randomize_lora(model, adapter="default", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(model, adapter).values():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_4bit_stores_routed_experts_in_under_0_3x_bf16(name):
+    loaded = load_base(name, QuantSpec("4bit"))
+    experts = [m for m in loaded.model.modules() if isinstance(m, StudioExperts)]
+    assert experts
+    for m in experts:
+        bf16 = sum(2 * torch.Size(m._shapes[n]).numel() for n in m.weight_names)
+        assert m.storage_bytes() <= 0.3 * bf16, (name, m.storage_bytes() / bf16)
+    assert loaded.memory["routed_experts"]["bytes"] == sum(m.storage_bytes() for m in experts)
+    assert "uint8" in loaded.memory["routed_experts"]["dtypes"]
+    # router, embeddings, lm_head stay in the compute dtype
+    assert loaded.memory["router"]["dtypes"] == ["float32"]
+    assert loaded.memory["embeddings"]["dtypes"] == ["float32"]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_plan_covers_every_attention_projection_and_every_routed_expert(name):
+    reference = build_model(name)  # the plain transformers model, independent of the studio table
+    expected_experts = {(n.rsplit(".", 1)[0], n.rsplit(".", 1)[1]) for n, p in reference.named_parameters()
+                        if p.dim() == 3 and ".experts." in n}
+    expected_attention = {n for n, m in reference.named_modules()
+                          if isinstance(m, nn.Linear) and ".self_attn." in n}
+    moe_layers = {n.split(".mlp")[0] for n, _ in expected_experts}
+    assert moe_layers
+    loaded = load_base(name, QuantSpec("4bit"))
+    plan = build_plan(loaded.model, loaded.arch, loaded.components, "attention,experts", LoraSettings(r=4))
+    got_experts = {(path, p) for path, params in plan.expert_targets.items() for p in params}
+    assert got_experts == expected_experts
+    assert set(plan.linear_targets) == expected_attention
+    text = plan.format()
+    assert "routed_experts" in text and "attention" in text and "trainable parameters" in text
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_five_steps_lower_loss_change_lora_keep_base(name):
+    loaded = load_base(name, QuantSpec("4bit"))
+    model = loaded.model
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    plan = build_plan(model, loaded.arch, loaded.components, "all", LoraSettings(r=8, alpha=16, dropout=0.0))
+    apply_plan(model, plan, "default")
+    lora = {k: v.detach().clone() for k, v in adapter_parameters(model, "default").items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in adapter_parameters(model, "default").values()}
+    opt = torch.optim.AdamW(trainable, lr=5e-3)
+    x = _tokens(4, 32)
+    model.train()
+    losses, aux = [], []
+    for _ in range(5):
+        out = model(input_ids=x, labels=x, output_router_logits=loaded.arch.aux_loss)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+        if out.aux_loss is not None:
+            aux.append(out.aux_loss.item())
+    assert losses[-1] < losses[0], losses
+    assert bool(aux) == loaded.arch.aux_loss
+    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}
+    for k, v in base_before.items():
+        assert torch.equal(after[k], v), f"base tensor {k} changed"
+    changed = [k for k, v in adapter_parameters(model, "default").items() if not torch.equal(v, lora[k])]
+    assert len(changed) == len(lora), "every LoRA tensor should have been updated"
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_saved_adapter_loads_in_plain_peft_and_matches(name, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_base(name, QuantSpec("none"))
+    plan = build_plan(loaded.model, loaded.arch, loaded.components, "attention,experts", LoraSettings(r=4, alpha=8))
+    apply_plan(loaded.model, plan, "default")
+    _randomize_lora(loaded.model)
+    loaded.model.eval()
+    x = _tokens()
+    with torch.no_grad():
+        ours = loaded.model(input_ids=x).logits
+        base_logits_reference = None
+    out = save_adapter(loaded.model, plan, tmp_path / "adapter", base_id=name)
+    assert {"adapter_config.json", "adapter_model.safetensors", "studio_adapter.json"} <= {p.name for p in out.iterdir()}
+    base = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits_reference = base(input_ids=x).logits
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=x).logits
+    assert (ours - base_logits_reference).abs().max() > 1e-2  # the adapter does something
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+    # the same adapter on the 4-bit base stays close to the fp32 function (documented tolerance)
+    q = load_base(name, QuantSpec("4bit"))
+    load_adapter(q.model, out, "default")
+    q.model.eval()
+    with torch.no_grad():
+        quant = q.model(input_ids=x).logits
+    # NF4 tolerance (README): mean |logit difference| below 0.1 and logits' cosine similarity above 0.95
+    cos = torch.nn.functional.cosine_similarity(quant.flatten(), ours.flatten(), dim=0).item()
+    assert (quant - ours).abs().mean() < 0.1
+    assert cos > 0.95
+
+
+def test_named_adapters_switch_and_mixed_batches_match_single_runs():
+    loaded = load_base("tiny-qwen2-moe", QuantSpec("4bit"))
+    model = loaded.model
+    for i, adapter in enumerate(["law", "code"]):
+        torch.manual_seed(i)
+        plan = build_plan(model, loaded.arch, loaded.components, "attention,experts", LoraSettings(r=4, dropout=0.0))
+        apply_plan(model, plan, adapter, trainable=False)
+        _randomize_lora(model, adapter, seed=i + 1)
+    model.eval()
+    x = _tokens(3, 16)
+    single = {}
+    with torch.no_grad():
+        for adapter in ["law", "code", None]:
+            set_active_adapter(model, adapter)
+            single[adapter] = model(input_ids=x).logits
+    assert (single["law"] - single["code"]).abs().max() > 1e-3
+    assert (single["law"] - single[None]).abs().max() > 1e-3
+    # experts: one batch, one adapter per row (attention LoRA is routed by PEFT's adapter_names)
+    rows = ["law", None, "code"]
+    set_active_adapter(model, None)
+    from peft.tuners.lora import LoraLayer
+
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            m.enable_adapters(True)
+    with torch.no_grad(), mixed_batch(model, rows):
+        mixed = _mixed_forward(model, x, rows)
+    for i, adapter in enumerate(rows):
+        assert torch.allclose(mixed[i], single[adapter][i], atol=1e-5), (adapter, (mixed[i] - single[adapter][i]).abs().max())
+
+
+def _mixed_forward(model, x, rows):
+    """Run PEFT's per-row adapter selection for the linear LoRA layers together with the experts' own."""
+    from peft.tuners.lora import LoraLayer
+
+    names = ["__base__" if a is None else a for a in rows]
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, args, kwargs: (args, {**kwargs, "adapter_names": names}), with_kwargs=True))
+    try:
+        return model(input_ids=x).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_bad_plans_and_bases_give_specific_errors(tmp_path):
+    loaded = load_base("tiny-mixtral", QuantSpec("4bit"))
+    with pytest.raises(PlanError, match="matches nothing"):
+        build_plan(loaded.model, loaded.arch, loaded.components, "nonexistent_proj")
+    with pytest.raises(PlanError, match="no shared_experts"):
+        build_plan(loaded.model, loaded.arch, loaded.components, "shared_experts")
+    with pytest.raises(PlanError, match="positive integer"):
+        LoraSettings(r=0)
+    with pytest.raises(ModelError):
+        load_base("no-such-base-anywhere")
+    # a dense (non-MoE) base is refused with a clear message
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from studio.models.tokenizer import load_tokenizer
+
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=6144, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    dense.save_pretrained(tmp_path / "dense")
+    load_tokenizer().save_pretrained(tmp_path / "dense")
+    with pytest.raises(ModelError, match="dense"):
+        load_base(str(tmp_path / "dense"), QuantSpec("none"))
