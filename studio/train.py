@@ -218,8 +218,8 @@ def _filter_rows(rows, tokenizer, seq_len: int):
     kept, dropped = [], 0
     for messages in rows:
         last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        prompt = tokenizer.apply_chat_template(messages[:last_assistant], add_generation_prompt=True, tokenize=True)
-        prompt_ids = prompt["input_ids"] if isinstance(prompt, dict) else prompt
+        prompt_ids = _token_ids(tokenizer.apply_chat_template(messages[:last_assistant], add_generation_prompt=True,
+                                                               tokenize=True))
         if len(prompt_ids) < seq_len - 1:
             kept.append(messages)
         else:
@@ -227,11 +227,15 @@ def _filter_rows(rows, tokenizer, seq_len: int):
     return kept, dropped
 
 
+def _token_ids(encoded) -> list[int]:
+    """apply_chat_template returns a BatchEncoding in transformers 5 and a plain list in 4."""
+    return list(encoded["input_ids"]) if hasattr(encoded, "keys") else list(encoded)
+
+
 def check_seq_len(tokenizer, seq_len: int) -> int:
     """The chat template's own overhead; a sequence length that cannot hold it plus one token is an error."""
-    empty = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
-                                          tokenize=True)
-    ids = empty["input_ids"] if isinstance(empty, dict) else empty
+    ids = _token_ids(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=True))
     if seq_len <= len(ids):
         raise DatasetError(f"--seq-len {seq_len} is too short: the chat template alone takes {len(ids)} tokens for a "
                            f"one-word exchange. Use --seq-len {max(64, 4 * len(ids))} or more.")

@@ -93,6 +93,17 @@ def _flatten_int8_inputs(model: nn.Module) -> None:
             module.__class__ = Linear8bitFlat
 
 
+def _keep_4bit_layout(model: nn.Module) -> None:
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel on the first no-grad eval forward, and
+    that packed path then breaks training steps with biased linears (in-place bias add on a leaf view). Keep the
+    standard layout so eval and training can alternate."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_base(ref: str = "tiny-moe", quant: QuantSpec | None = None, device: str | torch.device | None = None,
               allow_dense: bool = False) -> LoadedBase:
     """Resolve `ref` (embedded name | local dir | hub id), load it with the requested quantization and swap the
@@ -129,6 +140,8 @@ def load_base(ref: str = "tiny-moe", quant: QuantSpec | None = None, device: str
         model.to(device)
     if quant.mode == "8bit" and device.type == "cpu":
         _flatten_int8_inputs(model)
+    if quant.mode == "4bit" and device.type == "cpu":
+        _keep_4bit_layout(model)
     arch = resolve_arch(model)
     comps = find_components(model, arch)
     if not comps.routed_experts:
