@@ -7,7 +7,7 @@ WORKDIR /studio
 COPY . .
 RUN python3 -m venv /venv
 ENV PATH=/venv/bin:$PATH
-RUN pip install torch==2.13.0 -e .
+RUN pip install torch==2.13.0 -e . -c constraints.txt
 ENV STUDIO_HOME=/data
 VOLUME /data
 # The main job on the embedded default; real bases: --base <local dir or hub id>
