@@ -111,7 +111,7 @@ def load_base(ref: str = "tiny-moe", quant: QuantSpec | None = None, device: str
     compute dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from studio.models.resolve import base_fingerprint, resolve_base
+    from studio.models.resolve import base_fingerprint, require_moe, resolve_base
     from studio.models.tokenizer import load_tokenizer
 
     quant = quant or QuantSpec()
@@ -120,12 +120,8 @@ def load_base(ref: str = "tiny-moe", quant: QuantSpec | None = None, device: str
     if resolved.path is None:
         raise ModelError(f"base {ref!r} has no local weights; download it and pass --base /path/to/dir")
     config = AutoConfig.from_pretrained(resolved.path)
-    from studio.moe.arch import is_moe
-
-    if not is_moe(config) and not allow_dense:
-        raise ModelError(
-            f"base {ref!r} ({config.model_type}) is a dense model, not a Mixture-of-Experts: this studio adapts MoE "
-            "experts. Pick an MoE base (Mixtral, Qwen-MoE, DeepSeek, OLMoE, gpt-oss, or the embedded tiny-moe).")
+    if not allow_dense:
+        require_moe(config, ref)
     dtype = quant.torch_compute_dtype(device)
     kwargs = dict(dtype=dtype, experts_implementation="eager")
     try:
