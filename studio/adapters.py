@@ -126,8 +126,11 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
 
 
 def save_adapter(model: nn.Module, plan: LoraPlan, out_dir: str | os.PathLike, adapter: str = "default",
-                 base_id: str | None = None, metadata: dict | None = None) -> Path:
-    """Write the adapter in PEFT's format (+ studio metadata) atomically: files go to a temp dir renamed last."""
+                 base_id: str | None = None, metadata: dict | None = None, into_existing: bool = False) -> Path:
+    """Write the adapter in PEFT's format (+ studio metadata) atomically: files go to a temp dir renamed last.
+
+    `into_existing=True` (trainer checkpoints) moves each file into `out_dir` instead of replacing the folder,
+    so files other processes wrote there (optimizer, RNG states of every rank) survive."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -140,7 +143,12 @@ def save_adapter(model: nn.Module, plan: LoraPlan, out_dir: str | os.PathLike, a
     meta = dict(metadata or {})
     meta.setdefault("plan", plan.to_dict())
     (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
-    if out.exists():
+    if into_existing:
+        out.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+        tmp.rmdir()
+    elif out.exists():
         import shutil
 
         old = out.with_name(f".{out.name}.old")

@@ -91,7 +91,7 @@ def _build_trainer_class():
                 return
             output_dir = output_dir or self.args.output_dir
             save_adapter(self.model, self.studio_plan, output_dir, "default", base_id=self.studio_base_id,
-                         metadata={"checkpoint": True})
+                         metadata={"checkpoint": True}, into_existing=True)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             from safetensors.torch import load_file
@@ -155,6 +155,8 @@ def _callbacks(cancel: _Cancel, log_path: Path, aux_coef: float, on_event):
             self.last = (self.t0, 0)
 
         def _emit(self, event: dict):
+            if int(os.environ.get("RANK", "0")) != 0:  # one event log per run, written by the main process
+                return
             with open(log_path, "a") as f:
                 f.write(json.dumps(event) + "\n")
             if on_event:
