@@ -123,18 +123,6 @@ def resolve_arch(model: nn.Module) -> MoEArch:
         return discover_arch(model)
 
 
-def num_experts(config) -> int | None:
-    for attr in ("num_local_experts", "n_routed_experts", "num_experts"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def is_moe(config) -> bool:
-    return (num_experts(config) or 0) > 1
-
-
 @dataclass
 class Components:
     """Module paths of a loaded model, grouped by role."""
