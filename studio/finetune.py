@@ -82,10 +82,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def dry_run(cfg: TrainConfig, device_memory: str | None = None) -> int:
     """Plan on a weightless (meta-device) copy of the base and estimate memory; loads no weights."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from studio.models.memory import estimate_training_memory, format_comparison, parse_bytes
+    from studio.models.memory import estimate_training_memory, format_comparison, meta_model, parse_bytes
     from studio.models.resolve import require_moe, resolve_base
     from studio.moe.arch import find_components, resolve_arch
     from studio.moe.experts import replace_experts
@@ -94,8 +91,7 @@ def dry_run(cfg: TrainConfig, device_memory: str | None = None) -> int:
     resolved = resolve_base(cfg.base, config_only=True)
     config = resolved.config
     require_moe(config, cfg.base)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     arch = resolve_arch(model)
     comps = find_components(model, arch)
     replace_experts(model, comps.routed_experts, None)

@@ -125,7 +125,9 @@ def load_base(ref: str = "tiny-moe", quant: QuantSpec | None = None, device: str
     dtype = quant.torch_compute_dtype(device)
     kwargs = dict(dtype=dtype, experts_implementation="eager")
     try:
-        arch_probe = resolve_arch(_meta_model(config))
+        from studio.models.memory import meta_model
+
+        arch_probe = resolve_arch(meta_model(config))
     except ValueError as exc:
         raise ModelError(f"base {ref!r}: {exc}") from exc
     if quant.mode != "none":
@@ -153,13 +155,6 @@ def load_base(ref: str = "tiny-moe", quant: QuantSpec | None = None, device: str
                         fingerprint=base_fingerprint(resolved.path), arch=arch, components=comps, quant=quant)
     loaded.memory = memory_report(model, comps)
     return loaded
-
-
-def _meta_model(config):
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def _module_bytes(module: nn.Module) -> tuple[int, set[str]]:

@@ -119,7 +119,8 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _meta_model(config):
+def meta_model(config):
+    """The architecture of `config` on the meta device: every shape, no memory."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -130,8 +131,8 @@ def _meta_model(config):
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, TypeError, ImportError) as exc:
-        raise ModelError(f"cannot build a {getattr(config, 'model_type', '?')} model from its config to count "
-                         f"parameters: {exc}") from exc
+        raise ModelError(f"cannot build a {getattr(config, 'model_type', '?')} model from its config on the meta device: "
+                         f"{exc}") from exc
 
 
 def _component_prefixes(model) -> dict[str, str]:
@@ -179,7 +180,7 @@ def count_parameters(config) -> ParamCounts:
     key = _config_key(config)
     if key in _COUNT_CACHE:
         return _COUNT_CACHE[key]
-    model = _meta_model(config)
+    model = meta_model(config)
     prefixes = _component_prefixes(model)
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
