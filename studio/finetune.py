@@ -139,17 +139,10 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studio.finetune", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except StudioError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("aborted", file=sys.stderr)
-        return 130
+    """`python -m studio.finetune ...` is `studio finetune ...` (same flags, same error handling)."""
+    from studio.cli import main as cli_main
+
+    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
