@@ -220,4 +220,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter: str,
                 raise ModelError(f"adapter tensor {key} has shape {tuple(weights[key].shape)}, this base expects "
                                  f"{tuple(param.shape)}: trained on another base?")
             param.copy_(weights[key].to(param.dtype))
+    if not trainable:  # new LoRA modules start in training mode, where their dropout would act
+        model.eval()
     return plan

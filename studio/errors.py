@@ -19,3 +19,7 @@ class PlanError(StudioError):
 
 class RegistryError(StudioError):
     """An adapter registry reference, version, alias or remote is unusable."""
+
+
+class RequestError(StudioError):
+    """A generation request the engine cannot take as given (prompt too long, bad sampling parameters)."""

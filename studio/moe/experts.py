@@ -245,6 +245,8 @@ class StudioExperts(nn.Module):
             return y
         # mixed batch: each token takes the adapter of its row
         for idx, adapter in enumerate(self._mixed_names):
+            if adapter not in self.adapters:  # an adapter without expert LoRA (e.g. attention only)
+                continue
             lora = self.adapters[adapter]
             if name not in lora.lora_A:
                 continue

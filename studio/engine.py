@@ -1,0 +1,729 @@
+"""One quantized base in memory, many LoRA adapters hot-swapped per request, rows of different adapters batched.
+
+    engine = Engine("tiny-moe")                                    # loads the base once (4-bit, experts included)
+    engine.generate(["Define tort."], adapters="law@prod")         # registry reference, resolved per request
+    engine.generate([chat_a, chat_b, chat_c], adapters=["law@v3", "medicine@prod", None])   # one mixed batch
+    for chunk in engine.stream(chat, adapter="law@prod"): print(chunk.text, end="")
+
+Adapters are loaded from the registry on first use and kept resident, least recently used evicted first
+(`max_resident`); an adapter in use by a request in flight is never evicted. A registry alias (`law@prod`) is
+resolved on every request, so a promote or rollback takes effect on the next request without a restart.
+
+The scheduler is continuous batching at token granularity: a single background thread owns the model; each
+iteration it admits waiting requests (up to `max_batch_size` rows, after waiting at most `max_wait_ms` for
+company when idle), prefills them as one left-padded group, merges their KV cache into the running batch, then
+decodes one token for every running row. Rows whose adapters differ share the forward pass: PEFT's LoRA layers
+get per-row `adapter_names` and the studio's expert modules a per-row adapter list (PEFT's own `ParamWrapper`
+refuses mixed batches). Finished rows leave the batch at once.
+
+Hand-written because transformers' `generate` has no per-row adapters, admits no rows mid-flight, and vLLM /
+LoRAX / S-LoRA have no LoRA on MoE experts.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from studio.errors import ModelError, RegistryError, RequestError, StudioError
+
+logger = logging.getLogger(__name__)
+
+BASE_NAMES = ("", "base")
+
+
+# --------------------------------------------------------------------------- request / result types
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings of one request. temperature 0 is greedy decoding."""
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] | None = None
+
+    def validate(self, limit: int) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.max_tokens > limit:
+            raise RequestError(f"max_tokens={self.max_tokens} is over this server's limit of {limit}; ask for fewer")
+        if not 0.0 <= float(self.temperature) <= 2.0:
+            raise RequestError(f"temperature must be between 0 and 2, got {self.temperature}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise RequestError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+        if self.stop is not None:
+            if isinstance(self.stop, str):
+                self.stop = [self.stop]
+            if len(self.stop) > 4 or not all(isinstance(s, str) and s for s in self.stop):
+                raise RequestError("stop must be a non-empty string or a list of at most 4 non-empty strings")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str          # "stop" | "length"
+    adapter: str | None         # canonical registry reference ("law@v3"), None for the bare base
+    latency_s: float
+    ttft_s: float
+
+
+@dataclass
+class StreamChunk:
+    text: str
+    finish_reason: str | None = None
+    completion: Completion | None = None
+
+
+@dataclass
+class _Adapter:
+    ref: str            # canonical "domain@vN"
+    slot: str           # the adapter's name inside the model (module dict keys may not contain dots)
+    sha: str
+    users: int = 0      # requests in flight using it: never evicted while > 0
+    loaded_at: float = 0.0
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    adapter: str | None          # canonical ref (None = base)
+    params: SamplingParams
+    out: queue.Queue = field(default_factory=queue.Queue)
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    emitted: int = 0             # characters of decoded text already sent
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    finish_reason: str | None = None
+    cancelled: bool = False
+    text: str = ""
+
+
+_DONE = object()
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """See the module docstring. Thread-safe: any thread may call generate/stream/load/using."""
+
+    def __init__(self, base: str = "tiny-moe", quant=None, device=None, registry=None, max_resident: int = 8,
+                 max_batch_size: int = 8, max_wait_ms: float = 10.0, max_tokens_limit: int = 1024,
+                 allow_base_mismatch: bool = False, loaded=None):
+        from studio.models.loading import QuantSpec, load_base
+        from studio.registry import AdapterRegistry
+
+        if max_resident < 1 or max_batch_size < 1:
+            raise StudioError("max_resident and max_batch_size must be at least 1")
+        self.base = loaded if loaded is not None else load_base(base, quant or QuantSpec("4bit"), device)
+        self.base_id = self.base.ref
+        self.model = self.base.model
+        self.tokenizer = self.base.tokenizer
+        self.device = next(self.model.parameters()).device
+        self.registry = registry if registry is not None else AdapterRegistry()
+        self.max_resident = max_resident
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_tokens_limit = max_tokens_limit
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.allow_base_mismatch = allow_base_mismatch
+        self.eos_ids = self._eos_ids()
+        self.model_lock = threading.RLock()          # held for every forward pass and every adapter load/evict
+        self._resident: collections.OrderedDict[str, _Adapter] = collections.OrderedDict()
+        self._slots = itertools.count()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._lora_hooks: list = []
+        self._row_names: list[str] | None = None
+        self._last_mode = None
+        self.counters = collections.Counter()         # adapter_loads, adapter_evictions, adapter_switches, steps, ...
+        self.listeners: list = []                     # callables(event: str, **info), e.g. the server's metrics
+        self._padded_merge = self._cache_is_plain()
+
+    # ---- public API --------------------------------------------------------------------------
+
+    def resolve(self, ref: str | None):
+        """None / "" / "base" / the base id -> None; else the AdapterVersion, checked against the loaded base."""
+        if ref is None or ref in BASE_NAMES or ref == self.base_id:
+            return None
+        try:
+            return self.registry.resolve(ref, base_fingerprint=self.base.fingerprint,
+                                         allow_mismatch=self.allow_base_mismatch)
+        except RegistryError as exc:
+            if "was trained on base" in str(exc):
+                raise ModelError(str(exc)) from exc
+            raise
+
+    def load(self, ref: str | None) -> str | None:
+        """Make the adapter resident (loading it if needed); returns its canonical reference."""
+        version = self.resolve(ref)
+        if version is None:
+            return None
+        with self.model_lock:
+            self._ensure_resident(version)
+        return version.ref
+
+    def resident(self) -> list[str]:
+        return list(self._resident)
+
+    def unload(self, ref: str) -> bool:
+        """Evict an adapter now (refused while a request uses it)."""
+        version = self.resolve(ref)
+        with self.model_lock:
+            entry = self._resident.get(version.ref) if version else None
+            if entry is None:
+                return False
+            if entry.users:
+                raise StudioError(f"{version.ref} is in use by {entry.users} request(s); unload it when they finish")
+            self._evict(entry)
+            return True
+
+    @contextmanager
+    def using(self, ref: str | None):
+        """Exclusive use of the model with `ref` active (None = bare base); generation waits meanwhile."""
+        version = self.resolve(ref)
+        from studio.adapters import set_active_adapter
+
+        with self.model_lock:
+            entry = self._ensure_resident(version) if version else None
+            if entry:
+                entry.users += 1
+            try:
+                self._set_uniform(entry.slot if entry else None)
+                with torch.no_grad():
+                    yield self.model
+            finally:
+                if entry:
+                    entry.users -= 1
+                set_active_adapter(self.model, None)
+                self._last_mode = None
+
+    def generate(self, prompts, adapters=None, params: SamplingParams | None = None) -> list[Completion]:
+        """Complete every prompt (a str, or a chat: list of {"role", "content"}); rows may use different adapters."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        if not isinstance(adapters, (list, tuple)):
+            adapters = [adapters] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise RequestError(f"got {len(prompts)} prompts but {len(adapters)} adapters: give one adapter, "
+                               "or one per prompt")
+        requests = self._prepare(list(prompts), list(adapters), params or SamplingParams())
+        self._submit(requests)
+        results = []
+        for req in requests:
+            results.append(self._drain(req))
+        return results
+
+    def stream(self, prompt, adapter=None, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
+        """Yield text deltas as they are decoded; the last chunk carries finish_reason and the Completion.
+
+        Closing the iterator early (a client that went away) cancels the request."""
+        (req,) = self._prepare([prompt], [adapter], params or SamplingParams())
+        self._submit([req])
+        try:
+            while True:
+                item = req.out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            req.cancelled = True
+
+    def count_tokens(self, prompt) -> int:
+        return len(self._encode(prompt))
+
+    def stats(self) -> dict:
+        with self._cv:
+            waiting = len(self._waiting)
+        return {"base": self.base_id, "resident": self.resident(), "max_resident": self.max_resident,
+                "waiting": waiting, "running": getattr(self, "_running_count", 0), **dict(self.counters)}
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def _encode(self, prompt) -> list[int]:
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            return tok(prompt, add_special_tokens=False)["input_ids"]
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            for i, m in enumerate(prompt):
+                if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                    raise RequestError(f"message {i} must be {{'role': 'system'|'user'|'assistant', 'content': "
+                                       f"str}}, got {str(m)[:120]}")
+            if not prompt:
+                raise RequestError("messages is empty: send at least one user message")
+            ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        raise RequestError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+
+    def _prepare(self, prompts, adapters, params: SamplingParams) -> list[_Request]:
+        params.validate(self.max_tokens_limit)
+        out = []
+        for prompt, ref in zip(prompts, adapters):
+            ids = self._encode(prompt)
+            if not ids:
+                raise RequestError("the prompt is empty after tokenization")
+            if len(ids) + params.max_tokens > self.context_length:
+                raise RequestError(f"the prompt has {len(ids)} tokens; with max_tokens={params.max_tokens} that is "
+                                   f"over the base's context of {self.context_length} tokens: shorten the prompt "
+                                   "or lower max_tokens")
+            version = self.resolve(ref)
+            gen = None
+            if params.temperature > 0:
+                gen = torch.Generator(device="cpu")
+                gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            out.append(_Request(ids, version.ref if version else None,
+                                SamplingParams(**asdict(params)), generator=gen))
+        return out
+
+    def _submit(self, requests: list[_Request]) -> None:
+        with self._cv:
+            if self._closed:
+                raise StudioError("the engine is closed")
+            self._waiting.extend(requests)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="studio-engine", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    @staticmethod
+    def _drain(req: _Request) -> Completion:
+        while True:
+            item = req.out.get()
+            if item is _DONE:
+                raise StudioError("the request ended without a result")
+            if isinstance(item, BaseException):
+                raise item
+            if item.completion is not None:
+                req.out.get()  # the _DONE marker
+                return item.completion
+
+    # ---- adapters -----------------------------------------------------------------------------
+
+    def _ensure_resident(self, version) -> _Adapter:
+        from studio.adapters import load_adapter
+
+        entry = self._resident.get(version.ref)
+        if entry is not None and entry.sha == version.sha:
+            self._resident.move_to_end(version.ref)
+            return entry
+        if entry is not None:  # same name, other content (should not happen: versions are immutable)
+            self._evict(entry)
+        while len(self._resident) >= self.max_resident:
+            idle = [e for e in self._resident.values() if e.users == 0]
+            if not idle:
+                raise _NoRoom()
+            self._evict(idle[0])
+        path = self.registry.path(version.ref)
+        slot = f"adapter_{next(self._slots)}"
+        t0 = time.perf_counter()
+        try:
+            load_adapter(self.model, path, slot)
+        except ModelError as exc:
+            raise ModelError(f"{version.ref}: {exc}") from exc
+        self.model.eval()  # new LoRA modules start in training mode: their dropout would act at inference
+        entry = _Adapter(version.ref, slot, version.sha, loaded_at=time.time())
+        self._resident[version.ref] = entry
+        self._install_hooks()
+        self.counters["adapter_loads"] += 1
+        self._notify("adapter_load", ref=version.ref, seconds=time.perf_counter() - t0)
+        logger.info("loaded adapter %s in %.3fs (%d resident)", version.ref, time.perf_counter() - t0,
+                    len(self._resident))
+        return entry
+
+    def _evict(self, entry: _Adapter) -> None:
+        from studio.adapters import delete_adapter
+
+        delete_adapter(self.model, entry.slot)
+        del self._resident[entry.ref]
+        self._last_mode = None
+        self.counters["adapter_evictions"] += 1
+        self._notify("adapter_evict", ref=entry.ref)
+
+    def _notify(self, event: str, **info) -> None:
+        for fn in self.listeners:
+            try:
+                fn(event, **info)
+            except Exception:  # a metrics listener must never break serving
+                logger.exception("engine listener failed")
+
+    def _install_hooks(self) -> None:
+        """Per-row adapter names for PEFT's LoRA layers, read from self._row_names at forward time."""
+        from peft.tuners.lora import LoraLayer
+
+        for h in self._lora_hooks:
+            h.remove()
+        self._lora_hooks = []
+
+        def hook(module, args, kwargs):
+            names = self._row_names
+            if names is None:
+                return None
+            x = args[0] if args else kwargs.get("x")
+            if x is not None and x.shape[0] != len(names):  # flattened [rows*tokens, features] input
+                per = x.shape[0] // len(names)
+                names = [n for n in names for _ in range(per)]
+            return args, {**kwargs, "adapter_names": names}
+
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                self._lora_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _set_uniform(self, slot: str | None) -> None:
+        from studio.adapters import set_active_adapter
+
+        self._row_names = None
+        set_active_adapter(self.model, slot)
+
+    def _set_rows(self, slots: list[str | None]) -> None:
+        """Arrange the model for one forward over rows using `slots` (None = base)."""
+        from peft.tuners.lora import LoraLayer
+
+        from studio.moe.experts import StudioExperts
+
+        distinct = set(slots)
+        mode = ("uniform", slots[0]) if len(distinct) == 1 else ("mixed", tuple(slots))
+        if mode != self._last_mode:
+            if self._last_mode is not None and set(self._last_mode[1:]) != set(mode[1:]):
+                self.counters["adapter_switches"] += 1
+                self._notify("adapter_switch")
+            if mode[0] == "uniform":
+                self._set_uniform(slots[0])
+            else:
+                for _, m in self.model.named_modules():
+                    if isinstance(m, LoraLayer):
+                        m.enable_adapters(True)
+                self._row_names = ["__base__" if s is None else s for s in slots]
+            self._last_mode = mode
+        row_adapters = list(slots) if mode[0] == "mixed" else None
+        for m in self._experts():
+            m.row_adapters = row_adapters
+
+    def _experts(self):
+        from studio.moe.experts import StudioExperts
+
+        if not hasattr(self, "_experts_cache"):
+            self._experts_cache = [m for m in self.model.modules() if isinstance(m, StudioExperts)]
+        return self._experts_cache
+
+    # ---- the scheduler --------------------------------------------------------------------------
+
+    def _cache_is_plain(self) -> bool:
+        """Merging running and newly prefilled KV caches needs plain full-attention cache layers."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        try:
+            cache = DynamicCache(config=self.model.config)
+        except TypeError:
+            return True
+        layers = getattr(cache, "layers", [])
+        return all(type(layer) is DynamicLayer for layer in layers)
+
+    def _loop(self) -> None:
+        batch = _Batch(self)
+        while True:
+            with self._cv:
+                while not self._waiting and not batch.rows and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    for req in list(self._waiting) + [r.req for r in batch.rows]:
+                        req.out.put(StudioError("the engine was closed"))
+                        req.out.put(_DONE)
+                    return
+                if not batch.rows and self._waiting and self.max_wait > 0:
+                    # idle: wait briefly for company so concurrent requests share the first forward pass
+                    deadline = time.monotonic() + self.max_wait
+                    while len(self._waiting) < self.max_batch_size and time.monotonic() < deadline:
+                        self._cv.wait(timeout=max(0.0, deadline - time.monotonic()))
+                admit = []
+                room = self.max_batch_size - len(batch.rows)
+                if room > 0 and (self._padded_merge or not batch.rows):
+                    while self._waiting and len(admit) < room:
+                        admit.append(self._waiting.popleft())
+            try:
+                with self.model_lock, torch.no_grad():
+                    self._admit(batch, admit)
+                    if batch.rows:
+                        batch.step()
+                self._running_count = len(batch.rows)
+                if not batch.rows:
+                    with self._cv:  # every request held back (all resident adapters busy elsewhere): do not spin
+                        if self._waiting:
+                            self._cv.wait(timeout=0.01)
+            except Exception as exc:  # fail every request in the batch, keep the engine alive
+                logger.exception("engine step failed")
+                for row in batch.rows:
+                    self._finish(row, error=exc)
+                batch.reset()
+
+    def _admit(self, batch: "_Batch", admit: list[_Request]) -> None:
+        ready, held = [], []
+        for req in admit:
+            if req.cancelled:
+                req.out.put(_DONE)
+                continue
+            try:
+                entry = self._ensure_resident(self.resolve(req.adapter)) if req.adapter else None
+            except _NoRoom:
+                held.append(req)
+                continue
+            except StudioError as exc:
+                req.out.put(exc)
+                req.out.put(_DONE)
+                continue
+            if entry:
+                entry.users += 1
+            ready.append((req, entry))
+        if held:
+            with self._cv:
+                self._waiting.extendleft(reversed(held))
+        if ready:
+            batch.prefill(ready)
+
+    def _finish(self, row: "_Row", error: BaseException | None = None) -> None:
+        req = row.req
+        if row.entry is not None:
+            row.entry.users -= 1
+        if error is not None:
+            req.out.put(error if isinstance(error, StudioError) else StudioError(f"generation failed: {error}"))
+            req.out.put(_DONE)
+            return
+        now = time.perf_counter()
+        final_text = self._text(req, final=True)
+        delta = final_text[req.emitted:]
+        req.emitted = len(final_text)
+        completion = Completion(text=final_text, token_ids=list(req.tokens), prompt_tokens=len(req.prompt_ids),
+                                completion_tokens=len(req.tokens), finish_reason=req.finish_reason or "length",
+                                adapter=req.adapter, latency_s=now - req.submitted,
+                                ttft_s=(req.first_token or now) - req.submitted)
+        self.counters["requests"] += 1
+        self.counters["completion_tokens"] += len(req.tokens)
+        self.counters["prompt_tokens"] += len(req.prompt_ids)
+        self._notify("request_done", completion=completion)
+        req.out.put(StreamChunk(delta, finish_reason=completion.finish_reason, completion=completion))
+        req.out.put(_DONE)
+
+    def _text(self, req: _Request, final: bool = False) -> str:
+        ids = [t for t in req.tokens if t not in self.eos_ids]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        stops = req.params.stop or []
+        for s in stops:
+            at = text.find(s)
+            if at >= 0:
+                return text[:at]
+        if final:
+            return text
+        # hold back an incomplete UTF-8 sequence and anything that could be the start of a stop string
+        hold = max((len(s) - 1 for s in stops), default=0)
+        safe = len(text) - hold
+        while safe > 0 and text[safe - 1] == "\ufffd":
+            safe -= 1
+        return text[:max(safe, req.emitted)]
+
+    def _emit(self, row: "_Row", token: int) -> bool:
+        """Record one new token for a row; return True when the row is finished."""
+        req = row.req
+        if req.first_token is None:
+            req.first_token = time.perf_counter()
+        if token in self.eos_ids:
+            req.finish_reason = "stop"
+            return True
+        req.tokens.append(token)
+        if req.params.stop:
+            full = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
+            if any(s in full for s in req.params.stop):
+                req.finish_reason = "stop"
+                return True
+        if len(req.tokens) >= req.params.max_tokens:
+            req.finish_reason = "length"
+            return True
+        text = self._text(req)
+        if len(text) > req.emitted:
+            req.out.put(StreamChunk(text[req.emitted:]))
+            req.emitted = len(text)
+        return req.cancelled
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for tok in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(tok, int):
+                ids.add(tok)
+            elif isinstance(tok, (list, tuple)):
+                ids.update(t for t in tok if isinstance(t, int))
+        return ids
+
+    def _sample(self, logits: torch.Tensor, rows: list["_Row"]) -> list[int]:
+        """One token per row from its last-position logits, with that row's own settings and generator."""
+        from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                            TopKLogitsWarper, TopPLogitsWarper)
+
+        out = []
+        logits = logits.float()
+        greedy = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            p = row.req.params
+            if p.temperature <= 0:
+                out.append(greedy[i])
+                continue
+            warpers = LogitsProcessorList([TemperatureLogitsWarper(float(p.temperature))])
+            if p.top_k:
+                warpers.append(TopKLogitsWarper(int(p.top_k)))
+            if p.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(float(p.top_p)))
+            scores = warpers(None, logits[i:i + 1])
+            probs = F.softmax(scores, dim=-1).cpu()
+            out.append(int(torch.multinomial(probs, 1, generator=row.req.generator).item()))
+        return out
+
+
+class _NoRoom(Exception):
+    """Every resident adapter is in use: the request waits for one to finish."""
+
+
+@dataclass
+class _Row:
+    req: _Request
+    entry: _Adapter | None
+    position: int          # position id of the next token
+    last: int = -1         # the token to feed next
+
+
+class _Batch:
+    """The running rows, their shared left-padded KV cache and attention mask."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None
+
+    def _forward(self, input_ids, mask, positions, cache, slots):
+        e = self.engine
+        e._set_rows(slots)
+        try:
+            out = e.model(input_ids=input_ids.to(e.device), attention_mask=mask.to(e.device),
+                          position_ids=positions.to(e.device), past_key_values=cache, use_cache=True)
+        finally:
+            for m in e._experts():
+                m.row_adapters = None
+        e.counters["forward_passes"] += 1
+        return out.logits[:, -1, :], out.past_key_values
+
+    def prefill(self, ready: list[tuple[_Request, _Adapter | None]]) -> None:
+        from transformers.cache_utils import DynamicCache
+
+        e = self.engine
+        pad = e.tokenizer.pad_token_id if e.tokenizer.pad_token_id is not None else 0
+        width = max(len(r.prompt_ids) for r, _ in ready)
+        ids = torch.full((len(ready), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ready), width), dtype=torch.long)
+        for i, (req, _) in enumerate(ready):
+            n = len(req.prompt_ids)
+            ids[i, width - n:] = torch.tensor(req.prompt_ids)
+            mask[i, width - n:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=e.model.config)
+        logits, cache = self._forward(ids, mask, positions, cache, [ent.slot if ent else None for _, ent in ready])
+        rows = [_Row(req, ent, position=len(req.prompt_ids)) for req, ent in ready]
+        tokens = e._sample(logits, rows)
+        self._merge(rows, cache, mask)
+        self._advance(rows, tokens)
+
+    def step(self) -> None:
+        """Decode one token for every running row: the cache holds each row's context up to, not including, the
+        row's last sampled token, whether the row was prefilled just now or long ago."""
+        e = self.engine
+        ids = torch.tensor([[r.last] for r in self.rows])
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+        positions = torch.tensor([[r.position] for r in self.rows])
+        logits, self.cache = self._forward(ids, self.mask, positions, self.cache,
+                                           [r.entry.slot if r.entry else None for r in self.rows])
+        self._advance(list(self.rows), e._sample(logits, self.rows))
+
+    def _advance(self, rows: list[_Row], tokens: list[int]) -> None:
+        e = self.engine
+        done = []
+        for row, tok in zip(rows, tokens):
+            row.position += 1
+            row.last = tok
+            if e._emit(row, tok):
+                done.append(row)
+        if done:
+            for row in done:
+                e._finish(row)
+            keep = [i for i, r in enumerate(self.rows) if r not in done]
+            if not keep:
+                self.reset()
+                return
+            self._select(torch.tensor(keep))
+
+    def _select(self, idx: torch.Tensor) -> None:
+        self.rows = [self.rows[i] for i in idx.tolist()]
+        self.cache.batch_select_indices(idx.to(self.engine.device))
+        self.mask = self.mask[idx]
+        # drop leading columns no remaining row attends to
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else self.mask.shape[1]
+        if start > 0:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, start:]
+                layer.values = layer.values[:, :, start:]
+
+    def _merge(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
+        if not self.rows:
+            self.rows, self.cache, self.mask = rows, cache, mask
+            return
+        a, b = self.mask.shape[1], mask.shape[1]
+        width = max(a, b)
+
+        def left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+            if n == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        self.mask = torch.cat([left_pad(self.mask, width - a, 1), left_pad(mask, width - b, 1)], dim=0)
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([left_pad(old.keys, width - a, 2), left_pad(new.keys, width - b, 2)], dim=0)
+            old.values = torch.cat([left_pad(old.values, width - a, 2), left_pad(new.values, width - b, 2)], dim=0)
+        self.rows = self.rows + rows
