@@ -28,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -353,7 +354,9 @@ class Engine:
         slot = f"adapter_{next(self._slots)}"
         t0 = time.perf_counter()
         try:
-            load_adapter(self.model, path, slot)
+            with warnings.catch_warnings():  # PEFT warns that a second adapter joins the model: that is the point
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                load_adapter(self.model, path, slot)
         except ModelError as exc:
             raise ModelError(f"{version.ref}: {exc}") from exc
         self.model.eval()  # new LoRA modules start in training mode: their dropout would act at inference

@@ -26,3 +26,15 @@ def make_real_adapter(loaded, out_dir: Path, domain: str, seed: int, targets: st
     delete_adapter(loaded.model, name)
     set_active_adapter(loaded.model, None)
     return path
+
+
+def build_registry(root: Path, work: Path, specs) -> "object":
+    """Register adapters made by make_real_adapter: specs = [(domain, seed, targets), ...]."""
+    from studio.models.loading import QuantSpec, load_base
+    from studio.registry import AdapterRegistry
+
+    maker = load_base("tiny-moe", QuantSpec("4bit"))
+    registry = AdapterRegistry(root)
+    for domain, seed, targets in specs:
+        registry.register(make_real_adapter(maker, work / f"{domain}-{seed}", domain, seed, targets), domain)
+    return registry

@@ -1,0 +1,517 @@
+"""OpenAI-compatible HTTP server over one Engine: `studio serve --base tiny-moe --adapters law@prod,medicine@prod`.
+
+    GET  /v1/models              the base and the served adapter references
+    POST /v1/chat/completions    `model` = the base id or a registry reference (law, law@v3, law@prod); stream=true
+    POST /v1/completions         the same for raw text prompts (a list of prompts is one batch)
+    GET  /health                 liveness + what is loaded
+    GET  /metrics                Prometheus text: requests, tokens, latency, adapter loads/switches, resident
+
+Aliases are resolved on every request, so `studio registry promote law@v4 prod` takes effect on the next request.
+Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 404 for an unknown model, 400 for
+malformed JSON, bad parameters, or a prompt / max_tokens over the limits, 401 for a missing or wrong API key.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (request bodies built at
+# run time) and needs them evaluated.
+
+import argparse
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any, Literal
+
+from studio.errors import ModelError, RegistryError, RequestError, StudioError
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "STUDIO_API_KEY"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _error_response(err: APIError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+def _request_models():
+    """Pydantic request bodies (built lazily so importing this module does not import FastAPI)."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        role: Literal["system", "user", "assistant"]
+        content: str
+
+    class StreamOptions(BaseModel):
+        include_usage: bool = False
+
+    class Common(BaseModel):
+        model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, metadata, ...) are ignored
+        model: str
+        max_tokens: int | None = Field(default=None, ge=1)
+        temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+        top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+        top_k: int = Field(default=0, ge=0)
+        n: int = 1
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        stop: str | list[str] | None = None
+        seed: int | None = None
+
+    class ChatRequest(Common):
+        messages: list[Message] = Field(min_length=1)
+        max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    class CompletionRequest(Common):
+        prompt: str | list[str]
+        echo: bool = False
+
+    return ChatRequest, CompletionRequest
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Prometheus metrics of one server (its own registry, so several servers in one process do not clash)."""
+
+    def __init__(self, engine):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("studio_requests", "HTTP requests by endpoint, model and status code",
+                                ["endpoint", "model", "status"], registry=r)
+        self.prompt_tokens = Counter("studio_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.completion_tokens = Counter("studio_completion_tokens", "Tokens generated", ["model"], registry=r)
+        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.latency = Histogram("studio_request_latency_seconds", "Request latency (to the last token)",
+                                 ["endpoint"], buckets=buckets, registry=r)
+        self.ttft = Histogram("studio_time_to_first_token_seconds", "Time to the first generated token",
+                              ["endpoint"], buckets=buckets, registry=r)
+        self.in_flight = Gauge("studio_requests_in_flight", "Requests being served", registry=r)
+        self.adapter_loads = Counter("studio_adapter_loads", "Adapters loaded into the engine", registry=r)
+        self.adapter_evictions = Counter("studio_adapter_evictions", "Adapters evicted (LRU)", registry=r)
+        self.adapter_switches = Counter("studio_adapter_switches",
+                                        "Forward passes whose set of adapters differs from the previous one",
+                                        registry=r)
+        self.adapter_load_seconds = Histogram("studio_adapter_load_seconds", "Time to load an adapter",
+                                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                                              registry=r)
+        resident = Gauge("studio_resident_adapters", "Adapters resident in memory", registry=r)
+        resident.set_function(lambda: len(engine.resident()))
+        queue = Gauge("studio_engine_waiting_requests", "Requests waiting for a batch slot", registry=r)
+        queue.set_function(lambda: engine.stats()["waiting"])
+        engine.listeners.append(self.on_engine_event)
+
+    def on_engine_event(self, event: str, **info) -> None:
+        if event == "adapter_load":
+            self.adapter_loads.inc()
+            self.adapter_load_seconds.observe(info.get("seconds", 0.0))
+        elif event == "adapter_evict":
+            self.adapter_evictions.inc()
+        elif event == "adapter_switch":
+            self.adapter_switches.inc()
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+class Server:
+    """The FastAPI app around an Engine. `adapters`: the references advertised in /v1/models and preloaded;
+    requests may name any version or alias of a served domain (all domains when `adapters` is None)."""
+
+    def __init__(self, engine, adapters: list[str] | None = None, api_key: str | None = None):
+        self.engine = engine
+        self.adapters = list(adapters or [])
+        self.domains = {a.split("@", 1)[0] for a in self.adapters} if adapters else None
+        self.api_key = api_key
+        self.metrics = Metrics(engine)
+        self.created = int(time.time())
+        self.ChatRequest, self.CompletionRequest = _request_models()
+        self.app = self._build()
+
+    # ---- model names ----
+
+    def resolve_model(self, name: str):
+        """Requested `model` -> (canonical adapter ref or None for the base)."""
+        if not isinstance(name, str) or not name.strip():
+            raise APIError(400, "`model` is required: the base id or an adapter reference", param="model")
+        if name in ("base", self.engine.base_id):
+            return None
+        domain = name.split("@", 1)[0]
+        if self.domains is not None and domain not in self.domains:
+            raise APIError(404, f"The model `{name}` does not exist: this server serves {self._served_text()}",
+                           param="model", code="model_not_found")
+        try:
+            version = self.engine.resolve(name)
+        except ModelError as exc:
+            raise APIError(400, str(exc), param="model", code="model_incompatible") from exc
+        except RegistryError as exc:
+            raise APIError(404, f"The model `{name}` does not exist: {exc}", param="model",
+                           code="model_not_found") from exc
+        return version.ref if version else None
+
+    def _served_text(self) -> str:
+        names = [self.engine.base_id] + (self.adapters or ["any registry reference"])
+        return ", ".join(names)
+
+    def list_models(self) -> list[dict]:
+        out = [{"id": self.engine.base_id, "object": "model", "created": self.created, "owned_by": "studio",
+                "kind": "base", "fingerprint": self.engine.base.fingerprint}]
+        refs = self.adapters
+        if not refs:
+            refs = []
+            for domain in self.engine.registry.domains():
+                refs.append(domain)
+                refs.extend(f"{domain}@{alias}" for alias in self.engine.registry.aliases(domain))
+        for ref in refs:
+            try:
+                version = self.engine.resolve(ref)
+            except StudioError as exc:  # an alias deleted after start: list it with the reason
+                out.append({"id": ref, "object": "model", "created": self.created, "owned_by": "studio",
+                            "kind": "adapter", "error": str(exc)})
+                continue
+            out.append({"id": ref, "object": "model", "created": _epoch(version.created, self.created),
+                        "owned_by": "studio", "kind": "adapter", "resolves_to": version.ref, "sha": version.sha,
+                "resident": version.ref in self.engine.resident()})
+        return out
+
+    # ---- handlers ----
+
+    def _params(self, req, max_tokens: int | None):
+        from studio.engine import SamplingParams
+
+        if req.n != 1:
+            raise APIError(400, f"n={req.n} is not supported: this server returns one choice per prompt (n=1)",
+                           param="n")
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        return SamplingParams(max_tokens=max_tokens or 64, temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k, seed=req.seed, stop=stop)
+
+    def _check_auth(self, request) -> None:
+        if not self.api_key:
+            return
+        got = request.headers.get("authorization", "")
+        if got != f"Bearer {self.api_key}":
+            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                           type_="authentication_error", code="invalid_api_key")
+
+    def _build(self):
+        from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+        app = FastAPI(title="MoE LoRA Studio", version="1")
+        server = self
+        ChatRequest, CompletionRequest = self.ChatRequest, self.CompletionRequest
+
+        @app.exception_handler(APIError)
+        async def _api_error(request: Request, exc: APIError):
+            return _error_response(exc)
+
+        @app.exception_handler(RequestValidationError)
+        async def _validation(request: Request, exc: RequestValidationError):
+            parts = []
+            param = None
+            for e in exc.errors():
+                loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+                param = param or (".".join(loc) or None)
+                if e.get("type") == "json_invalid":
+                    ctx = e.get("ctx", {})
+                    parts.append(f"the body is not valid JSON ({ctx.get('error', 'parse error')} at character "
+                                 f"{loc[-1] if loc else '?'})")
+                else:
+                    parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
+            return _error_response(APIError(400, "Invalid request: " + "; ".join(parts), param=param))
+
+        @app.middleware("http")
+        async def _count(request: Request, call_next):
+            response = await call_next(request)
+            if request.url.path.startswith("/v1/"):
+                server.metrics.requests.labels(request.url.path, getattr(request.state, "model", ""),
+                                               str(response.status_code)).inc()
+            return response
+
+        @app.get("/health")
+        def health():
+            return {"status": "ok", "base": server.engine.base_id, "fingerprint": server.engine.base.fingerprint,
+                    "resident_adapters": server.engine.resident(), "served": server.adapters or ["*"]}
+
+        @app.get("/metrics")
+        def metrics():
+            return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+        @app.get("/v1/models")
+        def models(request: Request):
+            server._check_auth(request)
+            return {"object": "list", "data": server.list_models()}
+
+        @app.get("/v1/models/{model_id:path}")
+        def model(model_id: str, request: Request):
+            server._check_auth(request)
+            for m in server.list_models():
+                if m["id"] == model_id:
+                    return m
+            server.resolve_model(model_id)  # 404 with the reason, or a valid reference not advertised
+            return {"id": model_id, "object": "model", "created": server.created, "owned_by": "studio"}
+
+        @app.post("/v1/chat/completions")
+        def chat(body: ChatRequest, request: Request):
+            server._check_auth(request)
+            adapter = server.resolve_model(body.model)
+            request.state.model = body.model
+            params = server._params(body, body.max_completion_tokens or body.max_tokens)
+            messages = [{"role": m.role, "content": m.content} for m in body.messages]
+            if body.stream:
+                return server._stream("chat", body, messages, adapter, params)
+            (c,) = server._run("chat", [messages], adapter, params)
+            return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                    "model": body.model, "system_fingerprint": server._fingerprint(c.adapter),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                                 "finish_reason": c.finish_reason, "logprobs": None}],
+                    "usage": _usage([c])}
+
+        @app.post("/v1/completions")
+        def completions(body: CompletionRequest, request: Request):
+            server._check_auth(request)
+            adapter = server.resolve_model(body.model)
+            request.state.model = body.model
+            params = server._params(body, body.max_tokens or 16)
+            prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+            if not prompts or not all(prompts):
+                raise APIError(400, "prompt must be a non-empty string or a non-empty list of non-empty strings",
+                               param="prompt")
+            if body.stream:
+                if len(prompts) != 1:
+                    raise APIError(400, "stream=true takes a single prompt; send one request per prompt",
+                                   param="prompt")
+                return server._stream("text", body, prompts[0], adapter, params)
+            results = server._run("text", prompts, adapter, params)
+            return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                    "model": body.model, "system_fingerprint": server._fingerprint(results[0].adapter),
+                    "choices": [{"index": i, "text": (p if body.echo else "") + c.text, "finish_reason":
+                                 c.finish_reason, "logprobs": None} for i, (p, c) in enumerate(zip(prompts, results))],
+                    "usage": _usage(results)}
+
+        return app
+
+    def _fingerprint(self, adapter: str | None) -> str:
+        return f"{self.engine.base_id}+{adapter}" if adapter else self.engine.base_id
+
+    def _run(self, endpoint: str, prompts, adapter, params):
+        t0 = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            results = self.engine.generate(prompts, adapters=adapter, params=params)
+        except RequestError as exc:
+            raise APIError(400, str(exc)) from exc
+        except StudioError as exc:
+            raise APIError(500, str(exc), type_="server_error") from exc
+        finally:
+            self.metrics.in_flight.dec()
+        self._observe(endpoint, results, t0)
+        return results
+
+    def _observe(self, endpoint: str, results, t0: float) -> None:
+        name = results[0].adapter or self.engine.base_id
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        for c in results:
+            self.metrics.ttft.labels(endpoint).observe(c.ttft_s)
+            self.metrics.prompt_tokens.labels(name).inc(c.prompt_tokens)
+            self.metrics.completion_tokens.labels(name).inc(c.completion_tokens)
+
+    def _stream(self, kind: str, body, prompt, adapter, params):
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        from fastapi.responses import StreamingResponse
+
+        # validate (prompt length, max_tokens) before the 200 status line goes out
+        try:
+            self.engine._prepare([prompt], [adapter], params)
+        except RequestError as exc:
+            raise APIError(400, str(exc)) from exc
+        cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        fingerprint = self._fingerprint(adapter)
+
+        def chunk(delta_text=None, finish=None, role=False, usage=None):
+            if kind == "chat":
+                delta = {}
+                if role:
+                    delta["role"] = "assistant"
+                if delta_text:
+                    delta["content"] = delta_text
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
+            data = {"id": cid, "object": obj, "created": created, "model": body.model,
+                    "system_fingerprint": fingerprint, "choices": [choice] if usage is None else []}
+            if usage is not None:
+                data["usage"] = usage
+            return f"data: {json.dumps(data)}\n\n"
+
+        def events():
+            t0 = time.perf_counter()
+            self.metrics.in_flight.inc()
+            try:
+                if kind == "chat":
+                    yield chunk(role=True)
+                for part in self.engine.stream(prompt, adapter, params):
+                    if part.completion is not None:
+                        if part.text:
+                            yield chunk(part.text)
+                        yield chunk(finish=part.finish_reason)
+                        self._observe(kind, [part.completion], t0)
+                        if include_usage:
+                            yield chunk(usage=_usage([part.completion]))
+                    elif part.text:
+                        yield chunk(part.text)
+            except StudioError as exc:
+                yield f"data: {json.dumps(APIError(500, str(exc), type_='server_error').body())}\n\n"
+            finally:
+                self.metrics.in_flight.dec()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _epoch(stamp: str, default: int) -> int:
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+    except (ValueError, AttributeError):
+        return default
+
+
+def _usage(results) -> dict:
+    p = sum(c.prompt_tokens for c in results)
+    c = sum(c.completion_tokens for c in results)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def create_app(engine, adapters: list[str] | None = None, api_key: str | None = None):
+    return Server(engine, adapters, api_key).app
+
+
+class BackgroundServer:
+    """Run uvicorn in a thread (tests, notebooks, the web UI): `with BackgroundServer(app) as s: s.url`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+        self.host, self.port = host, port
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise StudioError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible server with per-request adapter hot-swap",
+                              description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base", default="tiny-moe", help="embedded name, local directory or hub id")
+    p.add_argument("--adapters", default="",
+                   help="comma-separated registry references to advertise and preload (law@prod,medicine@prod); "
+                        "requests may name any version or alias of these domains. Empty: every domain")
+    p.add_argument("--quant", default="4bit", choices=["none", "8bit", "4bit"])
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--registry", default=None, help="adapter registry root (default: STUDIO_ADAPTERS_ROOT)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` (or set {API_KEY_ENV})")
+    p.add_argument("--max-resident", type=int, default=8, help="adapters kept in memory (LRU)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long an idle engine waits to fill a batch")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="serve adapters whose recorded base fingerprint differs from the loaded base")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from studio.engine import Engine
+    from studio.models.loading import QuantSpec
+    from studio.registry import AdapterRegistry
+
+    adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logger.warning("binding to %s without an API key: anyone on the network can use this server", args.host)
+    engine = Engine(args.base, QuantSpec(args.quant), args.device, registry=AdapterRegistry(args.registry),
+                    max_resident=args.max_resident, max_batch_size=args.max_batch_size,
+                    max_wait_ms=args.max_wait_ms, max_tokens_limit=args.max_tokens_limit,
+                    allow_base_mismatch=args.allow_base_mismatch)
+    for ref in adapters:  # fail fast on a typo, and warm the cache
+        loaded = engine.load(ref)
+        print(f"serving {ref} -> {loaded}", flush=True)
+    server = Server(engine, adapters, api_key)
+    print(f"studio serve: base {engine.base_id} on http://{args.host}:{args.port}/v1 "
+          f"(models: {server._served_text()})", flush=True)
+    try:
+        uvicorn.run(server.app, host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from studio.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))
