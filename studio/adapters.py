@@ -223,3 +223,27 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter: str,
     if not trainable:  # new LoRA modules start in training mode, where their dropout would act
         model.eval()
     return plan
+
+
+def save_random_adapter(loaded, out_dir: str | os.PathLike, domain: str, seed: int,
+                        targets: str = "attention,experts", scale: float = 0.2, r: int = 4) -> Path:
+    """An adapter with random non-zero LoRA factors, saved like a trained one (PEFT files + studio metadata).
+
+    For benchmarks and tests of serving: it changes the base's outputs the way a trained adapter does, without
+    a training run. `loaded` is a studio LoadedBase; the adapter is attached, saved and detached again."""
+    from studio.moe.plan import build_plan
+
+    name = f"random_{domain}_{seed}"
+    plan = build_plan(loaded.model, loaded.arch, loaded.components, targets, LoraSettings(r=r, alpha=2 * r))
+    apply_plan(loaded.model, plan, name, trainable=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(loaded.model, name).values():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    meta = {"domain": domain, "base": loaded.describe(), "metrics": {},
+            "hyperparameters": {"seed": seed, "random_init_scale": scale}, "plan": plan.to_dict()}
+    try:
+        return save_adapter(loaded.model, plan, out_dir, name, base_id=loaded.ref, metadata=meta)
+    finally:
+        delete_adapter(loaded.model, name)
+        set_active_adapter(loaded.model, None)

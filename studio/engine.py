@@ -12,9 +12,10 @@ resolved on every request, so a promote or rollback takes effect on the next req
 The scheduler is continuous batching at token granularity: a single background thread owns the model; each
 iteration it admits waiting requests (up to `max_batch_size` rows, after waiting at most `max_wait_ms` for
 company when idle), prefills them as one left-padded group, merges their KV cache into the running batch, then
-decodes one token for every running row. Rows whose adapters differ share the forward pass: PEFT's LoRA layers
-get per-row `adapter_names` and the studio's expert modules a per-row adapter list (PEFT's own `ParamWrapper`
-refuses mixed batches). Finished rows leave the batch at once.
+decodes one token for every running row. Rows whose adapters differ share the forward pass: each LoRA layer
+(PEFT's on attention, the studio's on the experts) adds every row's own adapter's update from the batch's adapters'
+factors stacked along the rank (PEFT's own `ParamWrapper` refuses mixed batches; its `adapter_names` path for
+linears works but pays a gather/scatter per adapter). Finished rows leave the batch at once.
 
 Hand-written because transformers' `generate` has no per-row adapters, admits no rows mid-flight, and vLLM /
 LoRAX / S-LoRA have no LoRA on MoE experts.
@@ -55,6 +56,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] | None = None
+    ignore_eos: bool = False     # keep going past the end-of-sequence token (benchmarks: fixed token counts)
 
     def validate(self, limit: int) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -156,7 +158,10 @@ class Engine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._lora_hooks: list = []
-        self._row_names: list[str] | None = None
+        self._linear_stacks: dict = {}
+        self._keep_cache: dict = {}
+        self._row_slots: list[str | None] | None = None
+        self._mixed_distinct: list[str] = []
         self._last_mode = None
         self.counters = collections.Counter()         # adapter_loads, adapter_evictions, adapter_switches, steps, ...
         self.listeners: list = []                     # callables(event: str, **info), e.g. the server's metrics
@@ -374,6 +379,7 @@ class Engine:
 
         delete_adapter(self.model, entry.slot)
         del self._resident[entry.ref]
+        self._linear_stacks = {}
         self._last_mode = None
         self.counters["adapter_evictions"] += 1
         self._notify("adapter_evict", ref=entry.ref)
@@ -386,54 +392,87 @@ class Engine:
                 logger.exception("engine listener failed")
 
     def _install_hooks(self) -> None:
-        """Per-row adapter names for PEFT's LoRA layers, read from self._row_names at forward time."""
+        """Mixed batches on PEFT's LoRA linears: PEFT computes the base only (adapters disabled) and this hook adds
+        every row's own adapter's update in two matmuls over the adapters' stacked factors (see _linear_delta).
+        PEFT's own `adapter_names` path gathers, multiplies and scatters once per adapter, which costs several
+        times more at decode batch sizes."""
         from peft.tuners.lora import LoraLayer
 
         for h in self._lora_hooks:
             h.remove()
         self._lora_hooks = []
-
-        def hook(module, args, kwargs):
-            names = self._row_names
-            if names is None:
-                return None
-            x = args[0] if args else kwargs.get("x")
-            if x is not None and x.shape[0] != len(names):  # flattened [rows*tokens, features] input
-                per = x.shape[0] // len(names)
-                names = [n for n in names for _ in range(per)]
-            return args, {**kwargs, "adapter_names": names}
-
+        self._linear_stacks = {}
         for module in self.model.modules():
             if isinstance(module, LoraLayer):
-                self._lora_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                self._lora_hooks.append(module.register_forward_hook(self._linear_hook))
+
+    def _linear_hook(self, module, args, output):
+        if self._row_slots is None:
+            return None
+        names = tuple(s for s in self._mixed_distinct if s in module.lora_A)
+        if not names:
+            return None
+        x = args[0]
+        key = (id(module), names)
+        stack = self._linear_stacks.get(key)
+        if stack is None:
+            r = max(module.r[s] for s in names)
+            a = torch.cat([F.pad(module.lora_A[s].weight, (0, 0, 0, r - module.r[s])) for s in names], dim=0)
+            b = torch.cat([F.pad(module.lora_B[s].weight * module.scaling[s], (0, r - module.r[s]))
+                           for s in names], dim=1)
+            stack = self._linear_stacks[key] = (a.to(x.dtype), b.to(x.dtype), r)
+        a, b, r = stack
+        if len(self._mixed_distinct) == 1 and None not in self._row_slots:  # one adapter on every row
+            return output + F.linear(F.linear(x.to(a.dtype), a), b).to(output.dtype)
+        keep = self._row_keep(names, r, x)
+        h = F.linear(x.to(a.dtype), a)
+        if x.shape[0] == len(self._row_slots) and h.dim() > 2:  # [rows, ..., features]: broadcast per row
+            keep = keep.view(keep.shape[0], *([1] * (h.dim() - 2)), keep.shape[1])
+        h = h * keep
+        return output + F.linear(h, b).to(output.dtype)
+
+    def _row_keep(self, names: tuple[str, ...], r: int, x: torch.Tensor) -> torch.Tensor:
+        """[rows (or tokens of flattened inputs), len(names) * r]: 1 on the rank block of the row's adapter."""
+        rows = len(self._row_slots)
+        flat = x.dim() == 2 and x.shape[0] != rows  # flattened [rows * tokens, features] input
+        key = (names, r, x.shape[0] if flat else -1)
+        keep = self._keep_cache.get(key)
+        if keep is None:
+            col = torch.tensor([names.index(s) if s in names else -1 for s in self._row_slots])
+            if flat:
+                col = col.repeat_interleave(x.shape[0] // rows)
+            keep = (col[:, None] == torch.arange(len(names))[None, :]).repeat_interleave(r, dim=1)
+            keep = self._keep_cache[key] = keep.to(device=x.device, dtype=x.dtype)
+        return keep
 
     def _set_uniform(self, slot: str | None) -> None:
         from studio.adapters import set_active_adapter
 
-        self._row_names = None
+        self._row_slots = None
         set_active_adapter(self.model, slot)
 
     def _set_rows(self, slots: list[str | None]) -> None:
-        """Arrange the model for one forward over rows using `slots` (None = base)."""
-        from peft.tuners.lora import LoraLayer
+        """Arrange the model for one forward over rows using `slots` (None = base).
 
-        from studio.moe.experts import StudioExperts
-
+        PEFT's layers always compute the base alone; _linear_hook adds the LoRA update (one adapter or each row's
+        own), which is also faster than PEFT's per-layer adapter dispatch for a single adapter. The experts apply
+        one active adapter directly, or each row's own from `row_adapters`."""
         distinct = set(slots)
-        mode = ("uniform", slots[0]) if len(distinct) == 1 else ("mixed", tuple(slots))
+        mode = tuple(slots) if len(distinct) > 1 else (slots[0],)
         if mode != self._last_mode:
-            if self._last_mode is not None and set(self._last_mode[1:]) != set(mode[1:]):
+            if self._last_mode is not None and set(self._last_mode) != distinct:
                 self.counters["adapter_switches"] += 1
                 self._notify("adapter_switch")
-            if mode[0] == "uniform":
-                self._set_uniform(slots[0])
-            else:
-                for _, m in self.model.named_modules():
-                    if isinstance(m, LoraLayer):
-                        m.enable_adapters(True)
-                self._row_names = ["__base__" if s is None else s for s in slots]
+            self._set_uniform(None)
+            if distinct != {None}:
+                self._row_slots = list(slots)
+                self._mixed_distinct = sorted(s for s in distinct if s is not None)
+                self._keep_cache = {}
+            if len(distinct) == 1 and slots[0] is not None:
+                for m in self._experts():
+                    m.active_adapters = [slots[0]] if slots[0] in m.adapters else []
             self._last_mode = mode
-        row_adapters = list(slots) if mode[0] == "mixed" else None
+        row_adapters = list(slots) if len(distinct) > 1 else None
         for m in self._experts():
             m.row_adapters = row_adapters
 
@@ -516,7 +555,12 @@ class Engine:
             with self._cv:
                 self._waiting.extendleft(reversed(held))
         if ready:
-            batch.prefill(ready)
+            try:
+                batch.prefill(ready)
+            except Exception as exc:  # fail these requests, keep the running batch and the engine
+                logger.exception("prefill failed")
+                for req, entry in ready:
+                    self._finish(_Row(req, entry, 0), error=exc)
 
     def _finish(self, row: "_Row", error: BaseException | None = None) -> None:
         req = row.req
@@ -563,7 +607,7 @@ class Engine:
         req = row.req
         if req.first_token is None:
             req.first_token = time.perf_counter()
-        if token in self.eos_ids:
+        if token in self.eos_ids and not req.params.ignore_eos:
             req.finish_reason = "stop"
             return True
         req.tokens.append(token)

@@ -70,6 +70,7 @@ class ExpertLora(nn.Module):
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(fan_out, r * e))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._inference_cache: dict = {}
 
     def factors(self, name: str, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.lora_A[name], self.lora_B[name]
@@ -79,8 +80,36 @@ class ExpertLora(nn.Module):
         return a_e.to(dtype), b_e.to(dtype)
 
     def delta(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-        a_e, b_e = self.factors(name, expert, x.dtype)
-        return F.linear(F.linear(self.dropout(x), a_e), b_e) * self.scaling
+        a = self.lora_A[name]
+        if self.training or (torch.is_grad_enabled() and a.requires_grad):
+            a_e, b_e = self.factors(name, expert, x.dtype)
+            return F.linear(F.linear(self.dropout(x), a_e), b_e) * self.scaling
+        a_all, b_all = self.inference_factors(name, x.dtype)
+        return F.linear(F.linear(x, a_all[expert]), b_all[expert])
+
+    def train(self, mode: bool = True):
+        # Fused AdamW updates parameters without bumping their version counter, so the inference cache is also
+        # dropped on every train()/eval() switch (the trainer calls model.eval() before each evaluation).
+        self._inference_cache.clear()
+        return super().train(mode)
+
+    def inference_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert contiguous factors for inference: A [E, r, in] and scaling * B as [E, out, r].
+
+        lora_B's expert slice is strided (PEFT's rank-major column layout), which makes every small matmul copy
+        it; serving builds the contiguous copy once and rebuilds it when the parameters change (their version
+        counter moves on every in-place update: loading, optimizer steps)."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        key = (name, dtype, a.device)
+        version = (a._version, b._version)
+        hit = self._inference_cache.get(key)
+        if hit is None or hit[0] != version:
+            e = self.num_experts
+            a_all = a.detach().view(e, self.r, a.shape[-1]).to(dtype).contiguous()
+            b_all = (b.detach().view(b.shape[0], self.r, e).permute(2, 0, 1) * self.scaling).to(dtype).contiguous()
+            hit = (version, a_all, b_all)
+            self._inference_cache[key] = hit
+        return hit[1], hit[2]
 
 
 class StudioExperts(nn.Module):
@@ -124,6 +153,7 @@ class StudioExperts(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.row_adapters: list[str | None] | None = None  # mixed batches: one adapter name (or None) per row
+        self._stack_cache: dict = {}
 
     # ---------- storage ----------
     def _store_quantized(self, name: str, w: torch.Tensor) -> None:
@@ -224,11 +254,14 @@ class StudioExperts(nn.Module):
     def delete_adapter(self, adapter: str) -> None:
         if adapter in self.adapters:
             del self.adapters[adapter]
+        self._stack_cache.clear()  # stacked factors may hold the deleted adapter's
         self.active_adapters = [a for a in self.active_adapters if a != adapter]
 
     # ---------- forward ----------
-    def _project(self, name: str, expert: int, x: torch.Tensor, token_rows: torch.Tensor | None,
-                 row_ids: torch.Tensor | None) -> torch.Tensor:
+    def _project(self, name: str, expert: int, x: torch.Tensor, groups: dict | None = None,
+                 tok: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W_expert (+ bias) + LoRA: the active adapters' on every token (`groups` None), or in a mixed batch
+        each token's own adapter's (`groups` from _mixed_plan; `tok`: the positions of x's tokens in the batch)."""
         if self.quant is None:
             w = getattr(self, name)[expert].to(x.dtype)
             y = x @ w if self.is_transposed else F.linear(x, w)
@@ -237,23 +270,58 @@ class StudioExperts(nn.Module):
         bias = getattr(self, f"{name}_bias", None)
         if bias is not None:
             y = y + bias[expert].to(y.dtype)
-        if row_ids is None:
+        in_place = not torch.is_grad_enabled()
+        if groups is None:
             for adapter in self.active_adapters:
                 lora = self.adapters[adapter]
                 if name in lora.lora_A:
-                    y = y + lora.delta(name, expert, x)
+                    d = lora.delta(name, expert, x)
+                    y = y.add_(d) if in_place else y + d
             return y
-        # mixed batch: each token takes the adapter of its row
-        for idx, adapter in enumerate(self._mixed_names):
-            if adapter not in self.adapters:  # an adapter without expert LoRA (e.g. attention only)
+        if name not in groups:
+            return y
+        a_all, b_all, keep = groups[name]
+        # Every adapter's LoRA update on its own tokens in two matmuls: the batch's adapters' factors stacked along
+        # the rank, the rank blocks of other adapters zeroed per token in between. A gather + two matmuls + a
+        # scatter per adapter would pay the small-kernel overhead n times, which dominates at decode batch sizes
+        # (Punica / S-LoRA write segmented GPU kernels for the same problem).
+        return y.add_(F.linear(F.linear(x, a_all[expert]) * keep[tok], b_all[expert]))
+
+    def _mixed_plan(self, row_ids: torch.Tensor, token_row: torch.Tensor, dtype: torch.dtype, device) -> dict:
+        """Per projection: the stacked factors of the batch's adapters and, per token, which rank block is its own."""
+        token_ids = row_ids[token_row]  # adapter index (into self._mixed_names) of every token, -1 = bare base
+        plan = {}
+        for name in self.weight_names:
+            names = [a for a in self._mixed_names if a in self.adapters and name in self.adapters[a].lora_A]
+            if not names:
                 continue
-            lora = self.adapters[adapter]
-            if name not in lora.lora_A:
-                continue
-            sel = (row_ids[token_rows] == idx).nonzero(as_tuple=True)[0]
-            if sel.numel():
-                y = y.index_add(0, sel, lora.delta(name, expert, x[sel]))
-        return y
+            a_all, b_all, r = self._stacked(name, tuple(names), dtype, device)
+            position = torch.full((len(self._mixed_names) + 1,), -1, dtype=torch.long)
+            for i, a in enumerate(names):
+                position[self._mixed_names.index(a)] = i
+            col = position[token_ids]  # -1 (bare base) reads the last entry: -1, no block
+            keep = (col[:, None] == torch.arange(len(names))[None, :]).repeat_interleave(r, dim=1)
+            plan[name] = (a_all, b_all, keep.to(device=device, dtype=dtype))
+        return plan
+
+    def train(self, mode: bool = True):
+        self._stack_cache.clear()  # stacked LoRA factors of mixed batches; see ExpertLora.train
+        return super().train(mode)
+
+    def _stacked(self, name: str, names: tuple[str, ...], dtype: torch.dtype, device: torch.device):
+        parts = [self.adapters[a].inference_factors(name, dtype) for a in names]
+        key = (name, names, dtype, device)
+        version = tuple(id(p[0]) for p in parts)  # inference_factors makes new tensors after any update
+        hit = self._stack_cache.get(key)
+        if hit is None or hit[0] != version:
+            r = max(p[0].shape[1] for p in parts)  # different ranks: blocks padded with zeros to the largest
+            a_all = torch.cat([F.pad(a, (0, 0, 0, r - a.shape[1])) for a, _ in parts], dim=1)  # [E, n*r, in]
+            b_all = torch.cat([F.pad(b, (0, r - b.shape[2])) for _, b in parts], dim=2)        # [E, out, n*r]
+            if len(self._stack_cache) >= 8:  # a few recent adapter sets; the oldest goes first
+                self._stack_cache.pop(next(iter(self._stack_cache)))
+            hit = (version, a_all, b_all, r)
+            self._stack_cache[key] = hit
+        return hit[1], hit[2], hit[3]
 
     def _gate(self, h: torch.Tensor) -> torch.Tensor:
         if self._gate_fn is not None:
@@ -264,6 +332,10 @@ class StudioExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 **kwargs) -> torch.Tensor:
         row_ids, token_row = self._mixed_rows(hidden_states.shape[0])
+        if row_ids is not None and torch.is_grad_enabled():
+            raise RuntimeError("mixed-adapter batches are for inference: run them under torch.no_grad()")
+        mixed = (self._mixed_plan(row_ids, token_row, hidden_states.dtype, hidden_states.device)
+                 if row_ids is not None else None)
         final = torch.zeros_like(hidden_states)
         first, second = self.weight_names
         with torch.no_grad():
@@ -273,10 +345,9 @@ class StudioExperts(nn.Module):
             if expert == self.num_experts:
                 continue
             pos, tok = torch.where(mask[expert])
-            rows = token_row[tok] if token_row is not None else None
-            h = self._project(first, expert, hidden_states[tok], rows, row_ids)
+            h = self._project(first, expert, hidden_states[tok], mixed, tok)
             h = self._gate(h)
-            out = self._project(second, expert, h, rows, row_ids)
+            out = self._project(second, expert, h, mixed, tok)
             out = out * top_k_weights[tok, pos, None]
             final.index_add_(0, tok, out.to(final.dtype))
         return final

@@ -1,0 +1,192 @@
+"""Serving benchmark: adapter hot-swap against reloading, mixed-adapter batches against single-adapter and base.
+
+    python bench/serve.py                          # CPU defaults: a few minutes on 2 idle cores
+    python bench/serve.py --device cuda --layers 8 --batch-size 32 --new-tokens 64
+    python bench/serve.py --base tiny-moe          # any studio base reference instead of the synthetic Qwen3-MoE
+
+One invocation, one process, one base (by default the deterministic Qwen3-MoE of bench/train_step.py: 85M
+parameters, 16 experts, top-2, NF4 with the experts quantized), three registered adapters with LoRA on attention
+AND routed experts (random non-zero factors, rank 16; a trained adapter costs the same to run):
+
+* switch:  switching the adapter of the next request between resident adapters (the engine's activation step,
+           as it runs between forward passes), and loading a not-resident adapter from the registry (LRU miss),
+           against reloading the base with that adapter (load_base + load_adapter, what a one-model-per-process
+           server does). Target: reload / switch >= 100.
+* batches: decode throughput (generated tokens/s, fixed token counts, greedy) of B rows all on one adapter, of B
+           rows spread over the three adapters and the bare base in one batch, and of B rows on the bare base
+           with no adapter active. Rounds are interleaved and the median is reported. Targets: mixed / single >=
+           0.8; single / base >= 0.8 (adapter overhead at most 20%).
+
+Exit status 0 when it ran (met or not), 1 on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(0, str(REPO))
+
+SWITCH_TARGET = 100.0
+MIXED_TARGET = 0.8
+OVERHEAD_TARGET = 0.8
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base", default="synthetic-qwen3-moe",
+                   help="synthetic-qwen3-moe (bench/train_step.py's model) or any studio base reference")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--quant", default="4bit", choices=["none", "8bit", "4bit"])
+    p.add_argument("--r", type=int, default=16, help="LoRA rank of the adapters")
+    p.add_argument("--batch-size", type=int, default=12, help="rows per batch (a multiple of 4 mixes evenly)")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each batch kind")
+    p.add_argument("--switches", type=int, default=200, help="timed adapter switches")
+    p.add_argument("--reloads", type=int, default=3, help="timed base reloads")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--moe-intermediate", type=int, default=768)
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def synthetic_base(args, out: Path) -> str:
+    from bench.train_step import build_model_dir
+
+    ns = argparse.Namespace(hidden=args.hidden, head_dim=64, layers=args.layers, experts=args.experts, top_k=2,
+                            moe_intermediate=args.moe_intermediate, seq_len=max(512, args.prompt_tokens * 4),
+                            seed=0, batch_size=1)
+    build_model_dir(ns, out)
+    return str(out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from studio.adapters import load_adapter, save_random_adapter
+    from studio.engine import Engine, SamplingParams
+    from studio.models.loading import QuantSpec, load_base
+    from studio.registry import AdapterRegistry
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    base_ref = synthetic_base(args, work / "base") if args.base == "synthetic-qwen3-moe" else args.base
+    quant = QuantSpec(args.quant)
+    print(f"base {args.base} on {device}, quant {args.quant}, LoRA r={args.r} on attention + routed experts")
+
+    engine = Engine(base_ref, quant, device, registry=AdapterRegistry(work / "registry"), max_resident=8,
+                    max_batch_size=args.batch_size, max_wait_ms=0, max_tokens_limit=4096)
+    from studio.models.memory import count_parameters
+
+    params = count_parameters(engine.model.config).total  # as built, not as packed 4-bit storage
+    domains = ["law", "medicine", "code"]
+    for i, d in enumerate(domains):
+        path = save_random_adapter(engine.base, work / "adapters" / d, d, seed=i + 1, r=args.r, scale=0.05)
+        engine.registry.register(path, d)
+    refs = [engine.load(d) for d in domains]
+    spare = save_random_adapter(engine.base, work / "adapters" / "spare", "spare", seed=9, r=args.r, scale=0.05)
+    engine.registry.register(spare, "spare")
+
+    # ---- switching --------------------------------------------------------------------------------
+    slots = [engine._resident[r].slot for r in refs]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
+    with engine.model_lock:
+        for i in range(args.switches):
+            slot = slots[i % len(slots)]
+            sync()
+            t0 = time.perf_counter()
+            engine._set_rows([slot] * args.batch_size)
+            sync()
+            times.append(time.perf_counter() - t0)
+        engine._set_rows([None])
+    switch = statistics.median(times)
+    cold = []
+    for _ in range(args.reloads):
+        engine.unload("spare")
+        t0 = time.perf_counter()
+        engine.load("spare")
+        sync()
+        cold.append(time.perf_counter() - t0)
+    cold_load = statistics.median(cold)
+    reloads = []
+    adapter_dir = engine.registry.path(refs[0])
+    for _ in range(args.reloads):
+        t0 = time.perf_counter()
+        fresh = load_base(base_ref, quant, device)
+        load_adapter(fresh.model, adapter_dir, "default")
+        sync()
+        reloads.append(time.perf_counter() - t0)
+        del fresh
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    reload = statistics.median(reloads)
+
+    # ---- batches ----------------------------------------------------------------------------------
+    gen = torch.Generator().manual_seed(0)
+    vocab = len(engine.tokenizer)
+    prompts = [engine.tokenizer.decode(torch.randint(300, vocab - 10, (args.prompt_tokens,), generator=gen))
+               for _ in range(args.batch_size)]
+    sp = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
+    mix_cycle = refs + [None]
+    kinds = {
+        "base": [None] * args.batch_size,
+        "single": [refs[0]] * args.batch_size,
+        "mixed": [mix_cycle[i % len(mix_cycle)] for i in range(args.batch_size)],
+    }
+    engine.generate(prompts, adapters=kinds["mixed"], params=sp)  # warm-up
+    rates = {k: [] for k in kinds}
+    for _ in range(args.rounds):
+        for kind, adapters in kinds.items():
+            sync()
+            t0 = time.perf_counter()
+            out = engine.generate(prompts, adapters=adapters, params=sp)
+            sync()
+            rates[kind].append(sum(c.completion_tokens for c in out) / (time.perf_counter() - t0))
+    tps = {k: statistics.median(v) for k, v in rates.items()}
+    engine.close()
+
+    results = {
+        "device": device, "torch": torch.__version__, "platform": platform.platform(), "base": args.base,
+        "base_params": params, "quant": args.quant, "r": args.r, "batch_size": args.batch_size,
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "switch_s": switch, "cold_load_s": cold_load, "reload_s": reload,
+        "reload_over_switch": reload / switch, "reload_over_cold_load": reload / cold_load,
+        "tokens_per_s": tps, "mixed_over_single": tps["mixed"] / tps["single"],
+        "single_over_base": tps["single"] / tps["base"], "mixed_over_base": tps["mixed"] / tps["base"],
+    }
+    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    print(f"\nbase parameters: {params / 1e6:.1f}M; batch {args.batch_size} rows x {args.new_tokens} new tokens")
+    print(f"adapter switch (resident):      {switch * 1e3:9.3f} ms")
+    print(f"adapter load (LRU miss):        {cold_load * 1e3:9.3f} ms")
+    print(f"reload base + adapter:          {reload * 1e3:9.1f} ms")
+    print(f"reload / switch:                {results['reload_over_switch']:9.0f}x   (target >= {SWITCH_TARGET:.0f}x: "
+          f"{met(results['reload_over_switch'] >= SWITCH_TARGET)})")
+    print(f"reload / load from registry:    {results['reload_over_cold_load']:9.1f}x")
+    for k in kinds:
+        print(f"tokens/s {k:<8}               {tps[k]:9.1f}   (rounds: {', '.join(f'{x:.1f}' for x in rates[k])})")
+    print(f"mixed / single-adapter:         {results['mixed_over_single']:9.2f}x  (target >= {MIXED_TARGET}: "
+          f"{met(results['mixed_over_single'] >= MIXED_TARGET)})")
+    print(f"single-adapter / bare base:     {results['single_over_base']:9.2f}x  (target >= {OVERHEAD_TARGET}: "
+          f"{met(results['single_over_base'] >= OVERHEAD_TARGET)})")
+    print(f"mixed / bare base:              {results['mixed_over_base']:9.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
