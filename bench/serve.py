@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--moe-intermediate", type=int, default=768)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default). On small CPU machines 1 thread avoids OpenMP "
+                        "wake-up costs on the many small decode ops")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -83,10 +86,13 @@ def main(argv=None) -> int:
     from studio.registry import AdapterRegistry
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     base_ref = synthetic_base(args, work / "base") if args.base == "synthetic-qwen3-moe" else args.base
     quant = QuantSpec(args.quant)
-    print(f"base {args.base} on {device}, quant {args.quant}, LoRA r={args.r} on attention + routed experts")
+    print(f"base {args.base} on {device} ({torch.get_num_threads()} torch threads), quant {args.quant}, "
+          f"LoRA r={args.r} on attention + routed experts")
 
     engine = Engine(base_ref, quant, device, registry=AdapterRegistry(work / "registry"), max_resident=8,
                     max_batch_size=args.batch_size, max_wait_ms=0, max_tokens_limit=4096)
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
     engine.close()
 
     results = {
-        "device": device, "torch": torch.__version__, "platform": platform.platform(), "base": args.base,
+        "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(), "base": args.base,
         "base_params": params, "quant": args.quant, "r": args.r, "batch_size": args.batch_size,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "switch_s": switch, "cold_load_s": cold_load, "reload_s": reload,

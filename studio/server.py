@@ -476,6 +476,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long an idle engine waits to fill a batch")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); on small CPU machines 1 is often fastest for "
+                        "decoding (see BENCHMARKS.md)")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="serve adapters whose recorded base fingerprint differs from the loaded base")
     p.set_defaults(func=_serve)
@@ -488,6 +491,10 @@ def _serve(args) -> int:
     from studio.models.loading import QuantSpec
     from studio.registry import AdapterRegistry
 
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
