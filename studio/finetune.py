@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -80,33 +81,51 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def dry_run(cfg: TrainConfig, device_memory: str | None = None) -> int:
-    """Plan on a weightless (meta-device) copy of the base and estimate memory; loads no weights."""
-    from studio.models.memory import estimate_training_memory, format_comparison, meta_model, parse_bytes
+@functools.lru_cache(maxsize=8)
+def meta_parts(base: str):
+    """A weightless (meta-device) copy of the base with its MoE components, the experts swapped for the studio's:
+    what dry runs and the web UI plan on. Cached per base (building the config and the meta model is the slow part).
+    """
+    from studio.models.memory import meta_model
     from studio.models.resolve import require_moe, resolve_base
     from studio.moe.arch import find_components, resolve_arch
     from studio.moe.experts import replace_experts
-    from studio.moe.plan import build_plan
 
-    resolved = resolve_base(cfg.base, config_only=True)
-    config = resolved.config
-    require_moe(config, cfg.base)
+    config = resolve_base(base, config_only=True).config
+    require_moe(config, base)
     model = meta_model(config)
     arch = resolve_arch(model)
     comps = find_components(model, arch)
     replace_experts(model, comps.routed_experts, None)
+    return config, model, arch, comps
+
+
+def plan_and_estimate(cfg: TrainConfig, device_memory: str | None = None):
+    """The LoRA plan of `cfg` on its base and training-memory estimates for the chosen quantization, QLoRA 4-bit and
+    16-bit LoRA (in that order, without repeats); loads no weights."""
+    from studio.models.memory import estimate_training_memory, parse_bytes
+    from studio.moe.plan import build_plan
+
+    config, model, arch, comps = meta_parts(cfg.base)
     plan = build_plan(model, arch, comps, cfg.targets, cfg.lora_settings())
-    print(plan.format())
     budget = parse_bytes(device_memory) if device_memory else None
-    groups = {g.group for g in plan.groups}
-    estimates = [estimate_training_memory(config, quant=q, r=cfg.r, targets=sorted(groups), seq_len=cfg.seq_len,
+    groups = sorted({g.group for g in plan.groups})
+    estimates = [estimate_training_memory(config, quant=q, r=cfg.r, targets=groups, seq_len=cfg.seq_len,
                                           batch_size=cfg.batch_size, grad_checkpointing=cfg.grad_checkpointing,
                                           double_quant=cfg.double_quant, device_bytes=budget)
                  for q in dict.fromkeys([cfg.quant, "4bit", "none"])]
+    return plan, estimates
+
+
+def dry_run(cfg: TrainConfig, device_memory: str | None = None) -> int:
+    """Plan on a weightless (meta-device) copy of the base and estimate memory; loads no weights."""
+    from studio.models.memory import format_comparison, parse_bytes
+
+    plan, estimates = plan_and_estimate(cfg, device_memory)
+    print(plan.format())
     print()
     print(format_comparison(estimates))
-    chosen = estimates[0]
-    if not chosen.fits(budget):
+    if not estimates[0].fits(parse_bytes(device_memory) if device_memory else None):
         print(f"\nwarning: quant={cfg.quant} is estimated NOT to fit; try --quant 4bit, a smaller --batch-size or "
               f"--seq-len, or --grad-checkpointing", file=sys.stderr)
     return 0

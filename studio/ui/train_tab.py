@@ -122,41 +122,17 @@ def registered_info(ctx, ref: str | None):
 # plan and memory estimate
 
 
-@functools.lru_cache(maxsize=8)
-def _meta_parts(base: str):
-    """A weightless (meta-device) copy of the base with its MoE components: what `studio.finetune --dry-run`
-    plans on. Cached per base: building the config and the meta model is the slow part."""
-    from studio.models.memory import meta_model
-    from studio.models.resolve import require_moe, resolve_base
-    from studio.moe.arch import find_components, resolve_arch
-    from studio.moe.experts import replace_experts
-
-    config = resolve_base(base, config_only=True).config
-    require_moe(config, base)
-    model = meta_model(config)
-    arch = resolve_arch(model)
-    comps = find_components(model, arch)
-    replace_experts(model, comps.routed_experts, None)
-    return config, model, arch, comps
-
-
 @user_errors
 def plan_estimate(ctx, base: str, quant: str, targets: str, r: float, alpha: float, seq_len: float,
                   batch_size: float):
     """The LoRA plan and memory estimates (the chosen quantization vs QLoRA 4-bit vs 16-bit LoRA), computed the way
     `python -m studio.finetune --dry-run` does, without loading weights. Returns (plan text, summary, bar data)."""
-    from studio.models.memory import GiB, estimate_training_memory, human_bytes
-    from studio.moe.plan import build_plan
+    from studio.finetune import plan_and_estimate
+    from studio.models.memory import GiB, human_bytes
 
     cfg = TrainConfig(base=base, quant=quant, targets=targets, r=int(r), alpha=float(alpha), seq_len=int(seq_len),
                       batch_size=int(batch_size))
-    config, model, arch, comps = _meta_parts(base)
-    plan = build_plan(model, arch, comps, cfg.targets, cfg.lora_settings())
-    groups = sorted({g.group for g in plan.groups})
-    estimates = [estimate_training_memory(config, quant=q, r=cfg.r, targets=groups, seq_len=cfg.seq_len,
-                                          batch_size=cfg.batch_size, grad_checkpointing=cfg.grad_checkpointing,
-                                          double_quant=cfg.double_quant)
-                 for q in dict.fromkeys([cfg.quant, "4bit", "none"])]
+    plan, estimates = plan_and_estimate(cfg)
     bars = []
     for e in estimates:
         parts = {"frozen base weights": e.base_weight_bytes,
@@ -198,7 +174,9 @@ def start_training(ctx, source: str, file: str | None, name: str, eval_ratio: fl
     from studio.moe.plan import build_plan
 
     # rank / alpha, an unknown or non-MoE base and targets that match nothing fail here, before registering
-    _, model, arch, comps = _meta_parts(base)
+    from studio.finetune import meta_parts
+
+    _, model, arch, comps = meta_parts(base)
     build_plan(model, arch, comps, cfg.targets, cfg.lora_settings())
     if source == UPLOAD:
         if not file:
@@ -512,6 +490,8 @@ def warm_up(base: str = "tiny-moe") -> None:
 
     load_tokenizer()
     try:
-        _meta_parts(base)
+        from studio.finetune import meta_parts
+
+        meta_parts(base)
     except Exception:  # a bad --base is reported in the page, where the user can change it
         pass
