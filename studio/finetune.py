@@ -132,12 +132,14 @@ def dry_run(cfg: TrainConfig, device_memory: str | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from studio.train import run_training
+    from studio.train import is_main_process, run_training
 
     cfg = config_from_args(args)
     if args.dry_run:
         return dry_run(cfg, args.device_memory)
     result = run_training(cfg)
+    if not is_main_process():  # the summary once, from the process that wrote the adapter
+        return 0
     m = result.metrics
     print()
     if "eval_loss_before" in m and "eval_loss" in m:

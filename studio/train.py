@@ -155,7 +155,7 @@ def _callbacks(cancel: _Cancel, log_path: Path, aux_coef: float, on_event):
             self.last = (self.t0, 0)
 
         def _emit(self, event: dict):
-            if int(os.environ.get("RANK", "0")) != 0:  # one event log per run, written by the main process
+            if not is_main_process():  # one event log per run, written by the main process
                 return
             with open(log_path, "a") as f:
                 f.write(json.dumps(event) + "\n")
@@ -293,13 +293,25 @@ def prepare(cfg: TrainConfig, log=print):
                 eval_rows=eval_rows, dropped={"train": dropped_train, "eval": dropped_eval})
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun / accelerate set RANK), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _quiet(*args, **kwargs) -> None:
+    return None
+
+
 def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
+    """Train as `cfg` says; under a distributed launch only the main process logs (every rank trains)."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import SFTConfig
 
     from studio.adapters import apply_plan, save_adapter
 
+    if not is_main_process():
+        log = _quiet
     set_seed(cfg.seed)
     p = prepare(cfg, log)
     loaded, plan, dataset = p["loaded"], p["plan"], p["dataset"]

@@ -111,3 +111,7 @@ def test_ddp_checkpoint_and_log_are_complete(ddp_run):
     # the event log the UI plots has each event once, not once per rank
     events = [json.loads(line) for line in (output / "training_log.jsonl").read_text().splitlines() if line]
     assert sum(e["event"] == "train_begin" for e in events) == 1
+    # the plan, the memory table and the summary are printed by rank 0 only
+    logs = {p.parent.name: p.read_text() for p in ddp_run["log_dir"].rglob("stdout.log")}
+    assert "trainable parameters" in logs["0"] and "adapter:" in logs["0"], logs["0"][-2000:]
+    assert "trainable parameters" not in logs["1"] and "adapter:" not in logs["1"], logs["1"][-2000:]
