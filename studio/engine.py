@@ -353,7 +353,8 @@ class Engine:
         while len(self._resident) >= self.max_resident:
             idle = [e for e in self._resident.values() if e.users == 0]
             if not idle:
-                raise _NoRoom()
+                raise _NoRoom(f"all {self.max_resident} resident adapters are in use by requests in flight; "
+                              f"retry when they finish, or raise max_resident (studio serve --max-resident)")
             self._evict(idle[0])
         path = self.registry.path(version.ref)
         slot = f"adapter_{next(self._slots)}"
@@ -658,8 +659,8 @@ class Engine:
         return out
 
 
-class _NoRoom(Exception):
-    """Every resident adapter is in use: the request waits for one to finish."""
+class _NoRoom(StudioError):
+    """Every resident adapter is in use: a queued request waits for one to finish; a direct load() fails."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ from studio.errors import ModelError, RegistryError, RequestError, StudioError
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "STUDIO_API_KEY"
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
 # --------------------------------------------------------------------------- errors
@@ -303,6 +304,9 @@ class Server:
             request.state.model = body.model
             params = server._params(body, body.max_tokens or 16)
             prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+            if len(prompts) > MAX_PROMPTS:
+                raise APIError(400, f"{len(prompts)} prompts in one request; at most {MAX_PROMPTS}: split them "
+                                    "over several requests", param="prompt")
             if not prompts or not all(prompts):
                 raise APIError(400, "prompt must be a non-empty string or a non-empty list of non-empty strings",
                                param="prompt")

@@ -128,6 +128,12 @@ def test_lru_eviction_and_loading_do_not_disturb_requests_in_flight(tmp_path):
         # evicted adapters come back on demand with the same outputs
         again = eng.generate(PROMPTS[0], adapters="law", params=long)[0]
         assert again.token_ids == solo.token_ids
+        # one call needing more adapters than may be resident: the third row waits for a slot, then runs
+        short = SamplingParams(max_tokens=6)
+        rows = eng.generate([PROMPTS[1]] * 3, adapters=["law", "medicine", "code"], params=short)
+        for ref, row in zip(["law", "medicine", "code"], rows):
+            assert row.token_ids == eng.generate(PROMPTS[1], adapters=ref, params=short)[0].token_ids
+        assert len(eng.resident()) <= 2
     finally:
         eng.close()
 

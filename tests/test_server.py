@@ -119,6 +119,8 @@ def test_errors_in_openai_format_and_the_server_keeps_serving(stack):
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
     typed = httpx.post(f"{url}/v1/chat/completions", json={"model": "law@prod", "messages": "hi"}, timeout=30)
     assert typed.status_code == 400 and typed.json()["error"]["param"] == "messages"
+    with pytest.raises(openai.BadRequestError, match="at most 64"):
+        client.completions.create(model="tiny-moe", prompt=["x"] * 65, max_tokens=2)
     missing = httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=30)
     assert missing.status_code == 400 and "model" in missing.json()["error"]["message"]
     ok = client.chat.completions.create(model="law@prod", messages=CHAT, max_tokens=3)
