@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from studio.errors import ModelError, RegistryError, RequestError, StudioError
+from studio.moe.experts import StudioExperts, rank_block_mask, stack_lora
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,6 @@ class _Adapter:
     slot: str           # the adapter's name inside the model (module dict keys may not contain dots)
     sha: str
     users: int = 0      # requests in flight using it: never evicted while > 0
-    loaded_at: float = 0.0
 
 
 @dataclass
@@ -117,7 +117,6 @@ class _Request:
     first_token: float | None = None
     finish_reason: str | None = None
     cancelled: bool = False
-    text: str = ""
 
 
 _DONE = object()
@@ -131,13 +130,13 @@ class Engine:
 
     def __init__(self, base: str = "tiny-moe", quant=None, device=None, registry=None, max_resident: int = 8,
                  max_batch_size: int = 8, max_wait_ms: float = 10.0, max_tokens_limit: int = 1024,
-                 allow_base_mismatch: bool = False, loaded=None):
+                 allow_base_mismatch: bool = False):
         from studio.models.loading import QuantSpec, load_base
         from studio.registry import AdapterRegistry
 
         if max_resident < 1 or max_batch_size < 1:
             raise StudioError("max_resident and max_batch_size must be at least 1")
-        self.base = loaded if loaded is not None else load_base(base, quant or QuantSpec("4bit"), device)
+        self.base = load_base(base, quant or QuantSpec("4bit"), device)
         self.base_id = self.base.ref
         self.model = self.base.model
         self.tokenizer = self.base.tokenizer
@@ -163,6 +162,8 @@ class Engine:
         self._row_slots: list[str | None] | None = None
         self._mixed_distinct: list[str] = []
         self._last_mode = None
+        self._running_count = 0
+        self._expert_modules = [m for m in self.model.modules() if isinstance(m, StudioExperts)]
         self.counters = collections.Counter()         # adapter_loads, adapter_evictions, adapter_switches, steps, ...
         self.listeners: list = []                     # callables(event: str, **info), e.g. the server's metrics
         self._padded_merge = self._cache_is_plain()
@@ -209,8 +210,6 @@ class Engine:
     def using(self, ref: str | None):
         """Exclusive use of the model with `ref` active (None = bare base); generation waits meanwhile."""
         version = self.resolve(ref)
-        from studio.adapters import set_active_adapter
-
         with self.model_lock:
             entry = self._ensure_resident(version) if version else None
             if entry:
@@ -222,7 +221,7 @@ class Engine:
             finally:
                 if entry:
                     entry.users -= 1
-                set_active_adapter(self.model, None)
+                self._set_uniform(None)
                 self._last_mode = None
 
     def generate(self, prompts, adapters=None, params: SamplingParams | None = None) -> list[Completion]:
@@ -242,11 +241,16 @@ class Engine:
         return results
 
     def stream(self, prompt, adapter=None, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
-        """Yield text deltas as they are decoded; the last chunk carries finish_reason and the Completion.
+        """Validate and queue the request now (a bad request raises here, before anything is sent), and return an
+        iterator of text deltas; the last chunk carries finish_reason and the Completion.
 
         Closing the iterator early (a client that went away) cancels the request."""
         (req,) = self._prepare([prompt], [adapter], params or SamplingParams())
         self._submit([req])
+        return self._chunks(req)
+
+    @staticmethod
+    def _chunks(req: _Request) -> Iterator[StreamChunk]:
         try:
             while True:
                 item = req.out.get()
@@ -258,14 +262,11 @@ class Engine:
         finally:
             req.cancelled = True
 
-    def count_tokens(self, prompt) -> int:
-        return len(self._encode(prompt))
-
     def stats(self) -> dict:
         with self._cv:
             waiting = len(self._waiting)
         return {"base": self.base_id, "resident": self.resident(), "max_resident": self.max_resident,
-                "waiting": waiting, "running": getattr(self, "_running_count", 0), **dict(self.counters)}
+                "waiting": waiting, "running": self._running_count, **dict(self.counters)}
 
     def close(self) -> None:
         with self._cv:
@@ -366,7 +367,7 @@ class Engine:
         except ModelError as exc:
             raise ModelError(f"{version.ref}: {exc}") from exc
         self.model.eval()  # new LoRA modules start in training mode: their dropout would act at inference
-        entry = _Adapter(version.ref, slot, version.sha, loaded_at=time.time())
+        entry = _Adapter(version.ref, slot, version.sha)
         self._resident[version.ref] = entry
         self._install_hooks()
         self.counters["adapter_loads"] += 1
@@ -394,7 +395,7 @@ class Engine:
 
     def _install_hooks(self) -> None:
         """Mixed batches on PEFT's LoRA linears: PEFT computes the base only (adapters disabled) and this hook adds
-        every row's own adapter's update in two matmuls over the adapters' stacked factors (see _linear_delta).
+        every row's own adapter's update in two matmuls over the adapters' stacked factors.
         PEFT's own `adapter_names` path gathers, multiplies and scatters once per adapter, which costs several
         times more at decode batch sizes."""
         from peft.tuners.lora import LoraLayer
@@ -417,10 +418,8 @@ class Engine:
         key = (id(module), names)
         stack = self._linear_stacks.get(key)
         if stack is None:
-            r = max(module.r[s] for s in names)
-            a = torch.cat([F.pad(module.lora_A[s].weight, (0, 0, 0, r - module.r[s])) for s in names], dim=0)
-            b = torch.cat([F.pad(module.lora_B[s].weight * module.scaling[s], (0, r - module.r[s]))
-                           for s in names], dim=1)
+            a, b, r = stack_lora([(module.lora_A[s].weight, module.lora_B[s].weight * module.scaling[s])
+                                  for s in names])
             stack = self._linear_stacks[key] = (a.to(x.dtype), b.to(x.dtype), r)
         a, b, r = stack
         if len(self._mixed_distinct) == 1 and None not in self._row_slots:  # one adapter on every row
@@ -442,7 +441,7 @@ class Engine:
             col = torch.tensor([names.index(s) if s in names else -1 for s in self._row_slots])
             if flat:
                 col = col.repeat_interleave(x.shape[0] // rows)
-            keep = (col[:, None] == torch.arange(len(names))[None, :]).repeat_interleave(r, dim=1)
+            keep = rank_block_mask(col, len(names), r)
             keep = self._keep_cache[key] = keep.to(device=x.device, dtype=x.dtype)
         return keep
 
@@ -470,19 +469,12 @@ class Engine:
                 self._mixed_distinct = sorted(s for s in distinct if s is not None)
                 self._keep_cache = {}
             if len(distinct) == 1 and slots[0] is not None:
-                for m in self._experts():
+                for m in self._expert_modules:
                     m.active_adapters = [slots[0]] if slots[0] in m.adapters else []
             self._last_mode = mode
         row_adapters = list(slots) if len(distinct) > 1 else None
-        for m in self._experts():
+        for m in self._expert_modules:
             m.row_adapters = row_adapters
-
-    def _experts(self):
-        from studio.moe.experts import StudioExperts
-
-        if not hasattr(self, "_experts_cache"):
-            self._experts_cache = [m for m in self.model.modules() if isinstance(m, StudioExperts)]
-        return self._experts_cache
 
     # ---- the scheduler --------------------------------------------------------------------------
 
@@ -572,7 +564,7 @@ class Engine:
             req.out.put(_DONE)
             return
         now = time.perf_counter()
-        final_text = self._text(req, final=True)
+        final_text = self._decoded(req)[0]
         delta = final_text[req.emitted:]
         req.emitted = len(final_text)
         completion = Completion(text=final_text, token_ids=list(req.tokens), prompt_tokens=len(req.prompt_ids),
@@ -586,22 +578,14 @@ class Engine:
         req.out.put(StreamChunk(delta, finish_reason=completion.finish_reason, completion=completion))
         req.out.put(_DONE)
 
-    def _text(self, req: _Request, final: bool = False) -> str:
-        ids = [t for t in req.tokens if t not in self.eos_ids]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        stops = req.params.stop or []
-        for s in stops:
+    def _decoded(self, req: _Request) -> tuple[str, bool]:
+        """The row's text so far (end-of-sequence tokens left out), cut at a stop string; and whether one was found."""
+        text = self.tokenizer.decode([t for t in req.tokens if t not in self.eos_ids], skip_special_tokens=True)
+        for s in req.params.stop or []:
             at = text.find(s)
             if at >= 0:
-                return text[:at]
-        if final:
-            return text
-        # hold back an incomplete UTF-8 sequence and anything that could be the start of a stop string
-        hold = max((len(s) - 1 for s in stops), default=0)
-        safe = len(text) - hold
-        while safe > 0 and text[safe - 1] == "\ufffd":
-            safe -= 1
-        return text[:max(safe, req.emitted)]
+                return text[:at], True
+        return text, False
 
     def _emit(self, row: "_Row", token: int) -> bool:
         """Record one new token for a row; return True when the row is finished."""
@@ -612,18 +596,20 @@ class Engine:
             req.finish_reason = "stop"
             return True
         req.tokens.append(token)
-        if req.params.stop:
-            full = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
-            if any(s in full for s in req.params.stop):
-                req.finish_reason = "stop"
-                return True
+        text, stopped = self._decoded(req)
+        if stopped:
+            req.finish_reason = "stop"
+            return True
         if len(req.tokens) >= req.params.max_tokens:
             req.finish_reason = "length"
             return True
-        text = self._text(req)
-        if len(text) > req.emitted:
-            req.out.put(StreamChunk(text[req.emitted:]))
-            req.emitted = len(text)
+        # hold back an incomplete UTF-8 sequence and anything that could be the start of a stop string
+        safe = len(text) - max((len(s) - 1 for s in req.params.stop or []), default=0)
+        while safe > 0 and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > req.emitted:
+            req.out.put(StreamChunk(text[req.emitted:safe]))
+            req.emitted = safe
         return req.cancelled
 
     def _eos_ids(self) -> set[int]:
@@ -690,7 +676,7 @@ class _Batch:
             out = e.model(input_ids=input_ids.to(e.device), attention_mask=mask.to(e.device),
                           position_ids=positions.to(e.device), past_key_values=cache, use_cache=True)
         finally:
-            for m in e._experts():
+            for m in e._expert_modules:
                 m.row_adapters = None
         e.counters["forward_passes"] += 1
         return out.logits[:, -1, :], out.past_key_values

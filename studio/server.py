@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from studio.errors import ModelError, RegistryError, RequestError, StudioError
 
@@ -225,7 +225,7 @@ class Server:
     def _build(self):
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import JSONResponse, Response, StreamingResponse
+        from fastapi.responses import Response
 
         app = FastAPI(title="MoE LoRA Studio", version="1")
         server = self
@@ -353,11 +353,13 @@ class Server:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
         from fastapi.responses import StreamingResponse
 
-        # validate (prompt length, max_tokens) before the 200 status line goes out
+        # the engine validates (prompt length, max_tokens) and queues the request before the 200 status goes out
         try:
-            self.engine._prepare([prompt], [adapter], params)
+            parts = self.engine.stream(prompt, adapter, params)
         except RequestError as exc:
             raise APIError(400, str(exc)) from exc
+        except StudioError as exc:
+            raise APIError(500, str(exc), type_="server_error") from exc
         cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -386,7 +388,7 @@ class Server:
             try:
                 if kind == "chat":
                     yield chunk(role=True)
-                for part in self.engine.stream(prompt, adapter, params):
+                for part in parts:
                     if part.completion is not None:
                         if part.text:
                             yield chunk(part.text)

@@ -50,6 +50,21 @@ class _QuantizedExpertMatmul(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+def stack_lora(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Several adapters' factors as one: [(A [..., r_i, in], B [..., out, r_i])] -> A [..., n*r, in],
+    B [..., out, n*r] and r, each adapter's rank block zero-padded to the largest rank r. With a per-token
+    rank_block_mask between the two matmuls, every token gets only its own adapter's update (mixed batches)."""
+    r = max(a.shape[-2] for a, _ in factors)
+    a_all = torch.cat([F.pad(a, (0, 0, 0, r - a.shape[-2])) for a, _ in factors], dim=-2)
+    b_all = torch.cat([F.pad(b, (0, r - b.shape[-1])) for _, b in factors], dim=-1)
+    return a_all, b_all, r
+
+
+def rank_block_mask(col: torch.Tensor, n: int, r: int) -> torch.Tensor:
+    """[len(col), n*r] booleans: True on the rank block of each entry's adapter (`col`: index < n, -1 for none)."""
+    return (col[:, None] == torch.arange(n)[None, :]).repeat_interleave(r, dim=1)
+
+
 class ExpertLora(nn.Module):
     """One adapter's factors for every targeted fused parameter, in PEFT's `target_parameters` layout:
     lora_A [r*E, in] (expert-major rows), lora_B [out, r*E] (rank-major columns)."""
@@ -258,10 +273,10 @@ class StudioExperts(nn.Module):
         self.active_adapters = [a for a in self.active_adapters if a != adapter]
 
     # ---------- forward ----------
-    def _project(self, name: str, expert: int, x: torch.Tensor, groups: dict | None = None,
+    def _project(self, name: str, expert: int, x: torch.Tensor, mixed: dict | None = None,
                  tok: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W_expert (+ bias) + LoRA: the active adapters' on every token (`groups` None), or in a mixed batch
-        each token's own adapter's (`groups` from _mixed_plan; `tok`: the positions of x's tokens in the batch)."""
+        """x @ W_expert (+ bias) + LoRA: the active adapters' on every token (`mixed` None), or in a mixed batch
+        each token's own adapter's (`mixed` from _mixed_plan; `tok`: the positions of x's tokens in the batch)."""
         if self.quant is None:
             w = getattr(self, name)[expert].to(x.dtype)
             y = x @ w if self.is_transposed else F.linear(x, w)
@@ -271,16 +286,16 @@ class StudioExperts(nn.Module):
         if bias is not None:
             y = y + bias[expert].to(y.dtype)
         in_place = not torch.is_grad_enabled()
-        if groups is None:
+        if mixed is None:
             for adapter in self.active_adapters:
                 lora = self.adapters[adapter]
                 if name in lora.lora_A:
                     d = lora.delta(name, expert, x)
                     y = y.add_(d) if in_place else y + d
             return y
-        if name not in groups:
+        if name not in mixed:
             return y
-        a_all, b_all, keep = groups[name]
+        a_all, b_all, keep = mixed[name]
         # Every adapter's LoRA update on its own tokens in two matmuls: the batch's adapters' factors stacked along
         # the rank, the rank blocks of other adapters zeroed per token in between. A gather + two matmuls + a
         # scatter per adapter would pay the small-kernel overhead n times, which dominates at decode batch sizes
@@ -300,8 +315,7 @@ class StudioExperts(nn.Module):
             for i, a in enumerate(names):
                 position[self._mixed_names.index(a)] = i
             col = position[token_ids]  # -1 (bare base) reads the last entry: -1, no block
-            keep = (col[:, None] == torch.arange(len(names))[None, :]).repeat_interleave(r, dim=1)
-            plan[name] = (a_all, b_all, keep.to(device=device, dtype=dtype))
+            plan[name] = (a_all, b_all, rank_block_mask(col, len(names), r).to(device=device, dtype=dtype))
         return plan
 
     def train(self, mode: bool = True):
@@ -314,9 +328,7 @@ class StudioExperts(nn.Module):
         version = tuple(id(p[0]) for p in parts)  # inference_factors makes new tensors after any update
         hit = self._stack_cache.get(key)
         if hit is None or hit[0] != version:
-            r = max(p[0].shape[1] for p in parts)  # different ranks: blocks padded with zeros to the largest
-            a_all = torch.cat([F.pad(a, (0, 0, 0, r - a.shape[1])) for a, _ in parts], dim=1)  # [E, n*r, in]
-            b_all = torch.cat([F.pad(b, (0, r - b.shape[2])) for _, b in parts], dim=2)        # [E, out, n*r]
+            a_all, b_all, r = stack_lora(parts)  # [E, n*r, in], [E, out, n*r]
             if len(self._stack_cache) >= 8:  # a few recent adapter sets; the oldest goes first
                 self._stack_cache.pop(next(iter(self._stack_cache)))
             hit = (version, a_all, b_all, r)
