@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from studio.moe.grouped import DEFAULT_WORKSPACE_BYTES, LAYOUTS, GroupedExpertProjection, Routing
+
+EXPERTS_IMPLS = ("grouped", "eager")
 
 @dataclass(frozen=True)
 class ExpertQuant:
@@ -102,6 +105,19 @@ class ExpertLora(nn.Module):
         a_all, b_all = self.inference_factors(name, x.dtype)
         return F.linear(F.linear(x, a_all[expert]), b_all[expert])
 
+    def grouped_factors(self, name: str, experts: torch.Tensor, dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The factors of the experts `experts` as A [n, r, in], B [n, out, r] and the scaling to apply: views of
+        the parameters (gradients flow back into them) while training, the cached scaled copies otherwise."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        if self.training or (torch.is_grad_enabled() and a.requires_grad):
+            e = self.num_experts
+            a_g = a.view(e, self.r, a.shape[-1]).index_select(0, experts)
+            b_g = b.view(b.shape[0], self.r, e).permute(2, 0, 1).index_select(0, experts)
+            return a_g.to(dtype), b_g.to(dtype), self.scaling
+        a_all, b_all = self.inference_factors(name, dtype)
+        return a_all.index_select(0, experts), b_all.index_select(0, experts), 1.0
+
     def train(self, mode: bool = True):
         # Fused AdamW updates parameters without bumping their version counter, so the inference cache is also
         # dropped on every train()/eval() switch (the trainer calls model.eval() before each evaluation).
@@ -165,6 +181,11 @@ class StudioExperts(nn.Module):
             bias = params.get(f"{name}_bias")
             if bias is not None:
                 self.register_parameter(f"{name}_bias", nn.Parameter(bias.detach(), requires_grad=False))
+        # "grouped" (default): one sort per layer, batched dequantization and matmuls (studio/moe/grouped.py);
+        # "eager": transformers' per-expert loop, kept as the reference the grouped path is tested against.
+        self.experts_impl = "grouped"
+        self.grouped_layout = "auto"
+        self.workspace_bytes = DEFAULT_WORKSPACE_BYTES
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.row_adapters: list[str | None] | None = None  # mixed batches: one adapter name (or None) per row
@@ -234,6 +255,42 @@ class StudioExperts(nn.Module):
                                 offset=offset, state2=state2)
         packed = getattr(self, f"{name}_nf4")[expert].unsqueeze(1)
         return bnbf.dequantize_4bit(packed, state)
+
+    def dense_experts(self, name: str, experts: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weights of projection `name` for the expert ids `experts` as one dense [n, a, b] tensor (stored
+        orientation), dequantized in one bitsandbytes call when the experts' quantization blocks line up."""
+        dtype = dtype or self.compute_dtype
+        if self.quant is None:
+            return getattr(self, name).index_select(0, experts).to(dtype)
+        if self.quant.bits == 8:
+            cb = getattr(self, f"{name}_int8").index_select(0, experts)
+            scale = getattr(self, f"{name}_scale").index_select(0, experts)
+            return (cb.float() * (scale.unsqueeze(2) / 127.0)).to(dtype)
+        import bitsandbytes.functional as bnbf
+
+        _, rows, cols = self._shapes[name]
+        q = self.quant
+        if (rows * cols) % q.blocksize:  # blocks would straddle experts: one call per expert
+            return torch.stack([self.expert_weight(name, int(e), dtype) for e in experts.tolist()])
+        n = experts.numel()
+        absmax = getattr(self, f"{name}_absmax").index_select(0, experts)
+        if q.double_quant:  # the statistics are 8-bit codes with their own absmax (blocks of 256) and an offset
+            absmax2 = getattr(self, f"{name}_absmax2").index_select(0, experts)
+            code2 = getattr(self, f"{name}_code2")
+            blocks = absmax.shape[1]
+            if blocks % 256 == 0:
+                state2 = bnbf.QuantState(absmax=absmax2.reshape(-1), code=code2, blocksize=256, dtype=torch.float32)
+                absmax = bnbf.dequantize_blockwise(absmax.reshape(-1), state2).view(n, blocks)
+            else:
+                absmax = torch.stack([bnbf.dequantize_blockwise(
+                    absmax[i], bnbf.QuantState(absmax=absmax2[i], code=code2, blocksize=256, dtype=torch.float32))
+                    for i in range(n)])
+            absmax = absmax + getattr(self, f"{name}_offset").index_select(0, experts).unsqueeze(1)
+        state = bnbf.QuantState(absmax=absmax.reshape(-1).float(), shape=torch.Size((n * rows, cols)),
+                                code=getattr(self, f"{name}_code"), blocksize=q.blocksize, quant_type=q.quant_type,
+                                dtype=dtype)
+        packed = getattr(self, f"{name}_nf4").index_select(0, experts)
+        return bnbf.dequantize_4bit(packed.reshape(-1, 1), state).view(n, rows, cols)
 
     def storage_bytes(self) -> int:
         """Bytes held for the fused expert weights (quantized data + statistics, or the dense tensors)."""
@@ -348,6 +405,46 @@ class StudioExperts(nn.Module):
             raise RuntimeError("mixed-adapter batches are for inference: run them under torch.no_grad()")
         mixed = (self._mixed_plan(row_ids, token_row, hidden_states.dtype, hidden_states.device)
                  if row_ids is not None else None)
+        if self.experts_impl == "eager":
+            return self._forward_eager(hidden_states, top_k_index, top_k_weights, mixed)
+        if self.experts_impl != "grouped":
+            raise ValueError(f"experts_impl must be one of {EXPERTS_IMPLS}, got {self.experts_impl!r}")
+        return self._forward_grouped(hidden_states, top_k_index, top_k_weights, mixed)
+
+    def _forward_grouped(self, hidden_states, top_k_index, top_k_weights, mixed):
+        """Same function as _forward_eager: the assignments sorted once, every projection one grouped product."""
+        final = torch.zeros_like(hidden_states)
+        routing = Routing(top_k_index, self.num_experts, self.grouped_layout, hidden_states.dtype)
+        if routing.groups == 0:
+            return final
+        first, second = self.weight_names
+        x = routing.to_layout(hidden_states.index_select(0, routing.token))
+        h = self._grouped_project(first, x, routing, mixed)
+        h = self._gate(h)
+        out = self._grouped_project(second, h, routing, mixed)
+        rows = routing.from_layout(out) * top_k_weights.reshape(-1).index_select(0, routing.slot).unsqueeze(1)
+        return final.index_add_(0, routing.token, rows.to(final.dtype))
+
+    def _grouped_project(self, name: str, x: torch.Tensor, routing: Routing, mixed: dict | None) -> torch.Tensor:
+        """x W_e (+ bias) + LoRA for rows in `routing`'s layout: the active adapters' (one autograd Function), or
+        in a mixed batch each row's own adapter's (stacked factors, rank blocks of other adapters zeroed)."""
+        scalings, lora = [], []
+        if mixed is None:
+            for adapter in self.active_adapters:
+                ad = self.adapters[adapter]
+                if name in ad.lora_A:
+                    a, b, s = ad.grouped_factors(name, routing.hit, x.dtype)
+                    scalings.append(s)
+                    lora += [ad.dropout(x), a, b]
+        y = GroupedExpertProjection.apply(x, self, name, routing, tuple(scalings), *lora)
+        if mixed is not None and name in mixed:
+            a_all, b_all, keep = mixed[name]
+            keep = routing.to_layout(keep.index_select(0, routing.token))
+            xa = routing.mm(x, a_all.index_select(0, routing.hit).transpose(1, 2)) * keep
+            y = y + routing.mm(xa, b_all.index_select(0, routing.hit).transpose(1, 2))
+        return y
+
+    def _forward_eager(self, hidden_states, top_k_index, top_k_weights, mixed):
         final = torch.zeros_like(hidden_states)
         first, second = self.weight_names
         with torch.no_grad():

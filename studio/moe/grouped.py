@@ -1,0 +1,188 @@
+"""Grouped routed-expert projections: the token->expert assignments of a layer sorted once, the hit experts
+dequantized in batched calls under a workspace budget, and base + LoRA products as batched matmuls.
+
+Used by `StudioExperts` (studio/moe/experts.py), whose per-expert eager loop stays as the reference. Written by
+hand: bitsandbytes has no grouped kernel for packed experts on CPU, and transformers' grouped_mm experts
+(`experts_implementation="grouped_mm"`) expect dense 3D parameters and no LoRA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+MiB = 2 ** 20
+# Transient dense weights (the dequantized hit experts of one projection) are bounded by this budget: the expert
+# range is chunked when a projection's hit experts would exceed it. Larger chunks amortise kernel launches;
+# smaller ones cap the training peak. Overridable per module (`StudioExperts.workspace_bytes`) or globally.
+DEFAULT_WORKSPACE_BYTES = int(float(os.environ.get("STUDIO_EXPERT_WORKSPACE_MB", "64")) * MiB)
+# Padding every expert's rows to the largest group costs G * cap rows; beyond this factor of the real rows the
+# jagged layout is used instead (torch._grouped_mm, which also handles skewed routing without waste).
+MAX_PADDING_WASTE = 2.0
+LAYOUTS = ("auto", "padded", "jagged")
+
+
+def _grouped_mm_fast(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm has fused kernels for bf16 on sm90+ GPUs; elsewhere it loops over groups (CPU) or is
+    unsupported, and a padded batched matmul (one bmm) is faster."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+class Routing:
+    """One layer's assignments sorted by expert: which experts are hit (`hit`, G of them), their row counts, and,
+    for the sorted rows, the token (`token`) and the flat top-k slot (`slot`) each came from.
+
+    Rows live in one of two layouts, chosen per layer:
+    * padded [G, cap, d]: each hit expert's rows zero-padded to the largest count; products are `torch.bmm`.
+    * jagged [n, d]: rows back to back with int32 `offs`; products are `torch._grouped_mm`.
+    """
+
+    def __init__(self, top_k_index: torch.Tensor, num_experts: int, layout: str = "auto",
+                 dtype: torch.dtype = torch.float32):
+        k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        device = flat.device
+        with torch.no_grad():
+            counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+            # stable: rows of one expert keep token order, as in the eager loop. Ids >= num_experts (the unused-slot
+            # sentinel some families use) sort last and are cut off below.
+            order = torch.sort(flat, stable=True).indices
+        host = counts.tolist()  # the one host sync per layer (the eager loop syncs once per hit expert)
+        hit = [e for e, c in enumerate(host) if c]
+        self.num_experts = num_experts
+        self.hit = torch.tensor(hit, dtype=torch.long, device=device)
+        self.counts = [host[e] for e in hit]
+        self.groups = len(hit)
+        self.rows = sum(self.counts)
+        self.slot = order[: self.rows]
+        self.token = self.slot // k
+        self.cap = max(self.counts, default=0)
+        if layout == "auto":
+            if _grouped_mm_fast(device, dtype) or self.groups * self.cap > MAX_PADDING_WASTE * max(self.rows, 1):
+                layout = "jagged"
+            else:
+                layout = "padded"
+        if layout not in ("padded", "jagged"):
+            raise ValueError(f"grouped layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
+        counts_t = torch.tensor(self.counts, dtype=torch.long, device=device)
+        ends = torch.cumsum(counts_t, 0)
+        self.group_of_row = torch.repeat_interleave(torch.arange(self.groups, device=device), counts_t)
+        self.offs = ends.to(torch.int32)
+        self.starts = [0] + ends.tolist()[:-1] if self.groups else []
+        if layout == "padded":
+            rank = torch.arange(self.rows, device=device) - (ends - counts_t)[self.group_of_row]
+            self.pad_index = self.group_of_row * self.cap + rank
+
+    # ---- moving rows in and out of the layout ----
+    def to_layout(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, d] sorted rows -> the layout (differentiable)."""
+        if self.layout == "jagged":
+            return rows
+        out = rows.new_zeros(self.groups * self.cap, rows.shape[-1])
+        return out.index_copy(0, self.pad_index, rows).view(self.groups, self.cap, rows.shape[-1])
+
+    def from_layout(self, t: torch.Tensor) -> torch.Tensor:
+        """The layout -> [n, d] sorted rows (differentiable)."""
+        if self.layout == "jagged":
+            return t
+        return t.reshape(-1, t.shape[-1]).index_select(0, self.pad_index)
+
+    def per_group(self, values: torch.Tensor) -> torch.Tensor:
+        """[G, d] per-expert values broadcast onto the layout's rows (biases)."""
+        if self.layout == "jagged":
+            return values.index_select(0, self.group_of_row)
+        return values.unsqueeze(1)
+
+    # ---- products ----
+    def span(self, g0: int, g1: int) -> tuple[slice, torch.Tensor | None]:
+        """The layout's index for groups g0..g1 and, for the jagged layout, their offsets relative to the span."""
+        if self.layout == "padded":
+            return slice(g0, g1), None
+        start = self.starts[g0]
+        end = self.starts[g1] if g1 < self.groups else self.rows
+        return slice(start, end), self.offs[g0:g1] - start
+
+    def mm(self, a: torch.Tensor, w: torch.Tensor, g0: int = 0, g1: int | None = None) -> torch.Tensor:
+        """Each group's rows of `a` (the layout, or the span g0..g1 of it) times that group's w [G, K, M]."""
+        g1 = self.groups if g1 is None else g1
+        if self.layout == "padded":
+            return torch.bmm(a, w)
+        _, offs = self.span(g0, g1)
+        return torch._grouped_mm(a, w, offs=offs)
+
+    def wgrad(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per group a_g^T b_g -> [G, p, q] (weight gradients), for a [rows, p] and b [rows, q] in the layout."""
+        if self.layout == "padded":
+            return torch.bmm(a.transpose(1, 2), b)
+        return torch._grouped_mm(a.t(), b, offs=self.offs)
+
+    def chunks(self, bytes_per_expert: int, budget: int) -> list[tuple[int, int]]:
+        """Ranges of hit experts whose dense weights fit the workspace budget (at least one expert each)."""
+        per = max(1, budget // max(bytes_per_expert, 1))
+        return [(g, min(g + per, self.groups)) for g in range(0, self.groups, per)]
+
+
+def _base_product(owner, name: str, x: torch.Tensor, routing: Routing, transpose: bool) -> torch.Tensor:
+    """Each row times its expert's frozen weight (transpose=False: the forward x W; True: the backward g W^T),
+    dequantizing the hit experts chunk by chunk so no more than the workspace budget is dense at once."""
+    e, a, b = owner._shapes[name]
+    fan_in, fan_out = (a, b) if owner.is_transposed else (b, a)
+    width = fan_in if transpose else fan_out
+    out_shape = ((routing.groups, routing.cap, width) if routing.layout == "padded" else (routing.rows, width))
+    out = x.new_empty(out_shape)
+    bytes_per_expert = a * b * x.element_size()
+    for g0, g1 in routing.chunks(bytes_per_expert, owner.workspace_bytes):
+        w = owner.dense_experts(name, routing.hit[g0:g1], x.dtype)  # stored orientation [n, a, b]
+        # as [n, in, out] for the forward product; its transpose [n, out, in] for the input gradient
+        w = w if owner.is_transposed else w.transpose(1, 2)
+        if transpose:
+            w = w.transpose(1, 2)
+        span, _ = routing.span(g0, g1)
+        out[span] = routing.mm(x[span], w, g0, g1)
+        del w
+    return out
+
+
+class GroupedExpertProjection(torch.autograd.Function):
+    """y = x W_e (+ b_e) + sum over adapters of s * (xd A_e^T) B_e^T for every row, e its expert, rows in a
+    Routing layout. Saves no dense weight: backward dequantizes the hit experts again (chunked), as bitsandbytes
+    does for its 4-bit linears. Returns gradients for x, each adapter's dropped-out input xd and its factors
+    A [G, r, in] and B [G, out, r] (the hit experts' slices; autograd scatters them into the parameters)."""
+
+    @staticmethod
+    def forward(ctx, x, owner, name, routing, scalings, *lora):
+        y = _base_product(owner, name, x, routing, transpose=False)
+        bias = getattr(owner, f"{name}_bias", None)
+        if bias is not None:
+            y += routing.per_group(bias.index_select(0, routing.hit).to(y.dtype))
+        saved = []
+        for i, s in enumerate(scalings):
+            xd, a, b = lora[3 * i: 3 * i + 3]
+            xa = routing.mm(xd, a.transpose(1, 2))
+            y += routing.mm(xa, b.transpose(1, 2)).mul_(s)
+            saved += [xd, xa, a, b]
+        ctx.owner, ctx.name, ctx.routing, ctx.scalings = owner, name, routing, scalings
+        ctx.save_for_backward(*saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        routing = ctx.routing
+        grad = grad.contiguous()
+        grad_x = (_base_product(ctx.owner, ctx.name, grad, routing, transpose=True)
+                  if ctx.needs_input_grad[0] else None)
+        saved = ctx.saved_tensors
+        grads = []
+        for i, s in enumerate(ctx.scalings):
+            xd, xa, a, b = saved[4 * i: 4 * i + 4]
+            gs = grad * s
+            grad_b = routing.wgrad(gs, xa)             # [G, out, r]
+            grad_xa = routing.mm(gs, b)                # [rows, r]
+            grad_a = routing.wgrad(grad_xa, xd)        # [G, r, in]
+            grad_xd = routing.mm(grad_xa, a) if ctx.needs_input_grad[5 + 3 * i] else None
+            grads += [grad_xd, grad_a, grad_b]
+        return (grad_x, None, None, None, None, *grads)
