@@ -121,7 +121,12 @@ def dry_run(cfg: TrainConfig, device_memory: str | None = None) -> int:
     """Plan on a weightless (meta-device) copy of the base and estimate memory; loads no weights."""
     from studio.models.memory import format_comparison, parse_bytes
 
+    from studio.models.memory import count_parameters
+
     plan, estimates = plan_and_estimate(cfg, device_memory)
+    print(f"base {cfg.base}")
+    print(count_parameters(meta_parts(cfg.base)[0]).format_report())  # total and active-per-token parameters
+    print()
     print(plan.format())
     print()
     print(format_comparison(estimates))

@@ -60,6 +60,9 @@ class TrainConfig:
     register: bool = field(default=True, metadata={"help": "register the adapter in the adapter registry"})
     cancel_file: str | None = field(default=None, metadata={"help": "training stops cleanly when this file appears"})
     device: str | None = field(default=None, metadata={"help": "cuda | cpu (default: cuda if available)"})
+    experts_impl: str = field(default="grouped", metadata={
+        "help": "routed experts forward: grouped (sorted once per layer, batched dequantization and matmuls) | "
+                "eager (the per-expert reference loop)"})
 
     def lora_settings(self) -> LoraSettings:
         return LoraSettings(r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora,
@@ -152,7 +155,11 @@ def _callbacks(cancel: _Cancel, log_path: Path, aux_coef: float, on_event):
 
         def __init__(self):
             self.t0 = time.time()
-            self.last = (self.t0, 0)
+            # tokens/s counts only time inside training steps: held-out evals (the one before training, the periodic
+            # ones), checkpoint saves and logging happen between steps and are not training throughput.
+            self.step_time = 0.0
+            self.step_started: float | None = None
+            self.last = (0.0, 0)
 
         def _emit(self, event: dict):
             if not is_main_process():  # one event log per run, written by the main process
@@ -165,19 +172,25 @@ def _callbacks(cancel: _Cancel, log_path: Path, aux_coef: float, on_event):
         def on_train_begin(self, args, state, control, **kw):
             self._emit({"event": "train_begin", "max_steps": state.max_steps, "time": time.time()})
 
+        def on_step_begin(self, args, state, control, **kw):
+            self.step_started = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kw):
+            if self.step_started is not None:
+                self.step_time += time.perf_counter() - self.step_started
+                self.step_started = None
             if cancel.check():
                 control.should_training_stop = True
                 control.should_save = True
 
         def on_log(self, args, state, control, logs=None, **kw):
-            logs = dict(logs or {})
             now = time.time()
-            tokens = logs.get("num_tokens")
-            if tokens is not None:
-                dt = max(now - self.last[0], 1e-9)
-                logs["tokens_per_s"] = (tokens - self.last[1]) / dt
-                self.last = (now, tokens)
+            tokens = (logs or {}).get("num_tokens")
+            if tokens is not None and self.step_time > self.last[0]:
+                # written into the trainer's own dict, so the progress bar and log_history show the same figure
+                logs["tokens_per_s"] = (tokens - self.last[1]) / (self.step_time - self.last[0])
+                self.last = (self.step_time, tokens)
+            logs = dict(logs or {})
             if "loss" in logs and "aux_loss" in logs:
                 logs["lm_loss"] = logs["loss"] - aux_coef * logs["aux_loss"]
             elapsed = now - self.t0
@@ -194,7 +207,6 @@ def _callbacks(cancel: _Cancel, log_path: Path, aux_coef: float, on_event):
         def __init__(self):
             super().__init__()
             self.postfix: dict = {}
-            self.last = (time.time(), 0)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or self.training_bar is None:
@@ -206,10 +218,8 @@ def _callbacks(cancel: _Cancel, log_path: Path, aux_coef: float, on_event):
                 self.postfix["eval"] = f"{logs['eval_loss']:.4f}"
             if "aux_loss" in logs:
                 self.postfix["aux"] = f"{logs['aux_loss']:.3f}"
-            if "num_tokens" in logs:
-                now = time.time()
-                self.postfix["tok/s"] = f"{(logs['num_tokens'] - self.last[1]) / max(now - self.last[0], 1e-9):.0f}"
-                self.last = (now, logs["num_tokens"])
+            if "tokens_per_s" in logs:  # set by StudioCallback, which runs first
+                self.postfix["tok/s"] = f"{logs['tokens_per_s']:.0f}"
             self.training_bar.set_postfix(self.postfix, refresh=True)
 
     return [StudioCallback(), StudioProgress()]
@@ -276,7 +286,7 @@ def prepare(cfg: TrainConfig, log=print):
     quant = QuantSpec(mode=cfg.quant, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                       compute_dtype=cfg.compute_dtype)
     settings = cfg.lora_settings()
-    loaded = load_base(cfg.base, quant, device=cfg.device)
+    loaded = load_base(cfg.base, quant, device=cfg.device, experts_impl=cfg.experts_impl)
     log(f"base {cfg.base} ({loaded.arch.family}) loaded with quant={cfg.quant}; memory by component:")
     log(format_memory(loaded.memory))
     check_seq_len(loaded.tokenizer, cfg.seq_len)
@@ -374,7 +384,11 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
     if history:
         metrics["final_train_loss"] = history[-1]["loss"]
     if eval_ds is not None:
-        after = trainer.evaluate()
+        # The trainer already evaluates after its last step (step-based eval); run it again only when it did not
+        # (a cancelled run, or eval_steps 0).
+        ended = [h for h in trainer.state.log_history
+                 if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+        after = dict(ended[-1]) if ended else trainer.evaluate()
         metrics["eval_loss"] = _lm_loss(after, aux_coef, "eval_")
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
         if "eval_aux_loss" in after:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -104,16 +105,65 @@ def _keep_4bit_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+class _QuantizeExpertsWhileLoading:
+    """Quantize each fused routed-expert weight the moment transformers assigns it to its module, and leave a
+    weightless (meta) parameter in its place, so the dense 16/32-bit expert stack never exists as a whole: at most
+    one projection of one layer is dense at a time (plus, for checkpoints that store experts one by one, the
+    per-layer merge transformers does). Without this, Mixtral-8x7B's ~87 GB of bf16 experts would have to fit on
+    the device (or in host memory) before a 4-bit form of ~25 GB is made.
+
+    transformers 5 loads every parameter through `setattr(module, name, Parameter)`; torch's global parameter
+    registration hook sees that call. Only this thread and only the expert classes of this model are touched: a
+    parameter it does not take is left dense and `replace_experts` quantizes it afterwards as before."""
+
+    def __init__(self, expert_types: set[type], quant: ExpertQuant):
+        import threading
+
+        self.expert_types, self.quant, self.thread = expert_types, quant, threading.get_ident()
+        self.quantized = 0
+        self._handle = None
+
+    def _hook(self, module: nn.Module, name: str, param):
+        import threading
+
+        from studio.moe.experts import quantize_expert_stack
+
+        if (param is None or type(module) not in self.expert_types or param.dim() != 3
+                or param.device.type == "meta" or threading.get_ident() != self.thread):
+            return None
+        stored = getattr(module, "_studio_quantized", None)
+        if stored is None:
+            stored = {}
+            object.__setattr__(module, "_studio_quantized", stored)
+        stored[name] = quantize_expert_stack(param.detach(), self.quant)
+        self.quantized += 1
+        placeholder = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
+        placeholder._is_hf_initialized = True  # transformers must not initialise it again
+        return placeholder
+
+    def __enter__(self):
+        self._handle = torch.nn.modules.module.register_module_parameter_registration_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
 def load_base(ref: str = "tiny-moe", quant: QuantSpec | None = None, device: str | torch.device | None = None,
-              allow_dense: bool = False) -> LoadedBase:
+              allow_dense: bool = False, experts_impl: str = "grouped") -> LoadedBase:
     """Resolve `ref` (embedded name | local dir | hub id), load it with the requested quantization and swap the
-    fused routed experts for quantized StudioExperts. The router, norms, embeddings and lm_head stay in the
-    compute dtype."""
+    fused routed experts for quantized StudioExperts (`experts_impl`: "grouped", or the per-expert "eager"
+    reference loop). Routed experts are quantized one tensor at a time while loading, on the target device. The
+    router, norms, embeddings and lm_head stay in the compute dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from studio.models.resolve import base_fingerprint, require_moe, resolve_base
     from studio.models.tokenizer import load_tokenizer
 
+    from studio.moe.experts import EXPERTS_IMPLS
+
+    if experts_impl not in EXPERTS_IMPLS:
+        raise ModelError(f"--experts-impl must be one of {', '.join(EXPERTS_IMPLS)}, got {experts_impl!r}")
     quant = quant or QuantSpec()
     device = torch.device(device) if device else default_device()
     resolved = resolve_base(ref)
@@ -127,13 +177,19 @@ def load_base(ref: str = "tiny-moe", quant: QuantSpec | None = None, device: str
     try:
         from studio.models.memory import meta_model
 
-        arch_probe = resolve_arch(meta_model(config))
+        probe_model = meta_model(config)
+        arch_probe = resolve_arch(probe_model)
+        expert_types = {type(probe_model.get_submodule(p))
+                        for p in find_components(probe_model, arch_probe).routed_experts}
     except ValueError as exc:
         raise ModelError(f"base {ref!r}: {exc}") from exc
+    loading = contextlib.nullcontext()
     if quant.mode != "none":
         kwargs["quantization_config"] = _bnb_config(quant, arch_probe, dtype)
         kwargs["device_map"] = {"": str(device)} if device.type != "cpu" else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+        loading = _QuantizeExpertsWhileLoading(expert_types, quant.expert_quant())
+    with loading:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
     if quant.mode == "none":
         model.to(device)
     if quant.mode == "8bit" and device.type == "cpu":
@@ -144,7 +200,7 @@ def load_base(ref: str = "tiny-moe", quant: QuantSpec | None = None, device: str
     comps = find_components(model, arch)
     if not comps.routed_experts:
         raise ModelError(f"base {ref!r}: no fused routed experts found under `{arch.experts_module}`")
-    replace_experts(model, comps.routed_experts, quant.expert_quant(), dtype)
+    replace_experts(model, comps.routed_experts, quant.expert_quant(), dtype, experts_impl)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     for p in model.parameters():

@@ -248,6 +248,7 @@ class MemoryEstimate:
     activation_bytes: int = 0
     logits_bytes: int = 0
     workspace_bytes: int = 0
+    load_transient_bytes: int = 0
     overhead_bytes: int = DEFAULT_OVERHEAD_BYTES
     device_bytes: int | None = None
     device_name: str = ""
@@ -273,6 +274,11 @@ class MemoryEstimate:
         return self.base_weight_bytes + sum(r.bytes for r in self.training_rows)
 
     @property
+    def load_peak_bytes(self) -> int:
+        """Peak while loading: the frozen weights in their final form + the largest transient dense tensors."""
+        return self.base_weight_bytes + self.load_transient_bytes + self.overhead_bytes
+
+    @property
     def label(self) -> str:
         return {"4bit": "QLoRA 4-bit", "8bit": "LoRA 8-bit", "none": f"LoRA {8 * _DTYPE_BYTES[self.compute_dtype]}-bit"}[
             self.quant]
@@ -280,7 +286,7 @@ class MemoryEstimate:
     def fits(self, device_bytes: int | None = None) -> bool:
         """Whether the estimate fits `device_bytes` (default: the device memory it was estimated against)."""
         limit = self.device_bytes if device_bytes is None else device_bytes
-        return limit is None or self.total_bytes <= limit
+        return limit is None or max(self.total_bytes, self.load_peak_bytes) <= limit
 
     def to_dict(self) -> dict:
         return {"model_type": self.model_type, "quant": self.quant, "label": self.label, "r": self.r,
@@ -290,6 +296,7 @@ class MemoryEstimate:
                 "base": [vars(r) for r in self.base_rows], "training": [vars(r) for r in self.training_rows],
                 "lora_params": self.lora_params, "lora_by_component": dict(self.lora_by_component),
                 "base_weight_bytes": self.base_weight_bytes, "total_bytes": self.total_bytes,
+                "load_peak_bytes": self.load_peak_bytes,
                 "device_bytes": self.device_bytes, "device_name": self.device_name, "fits": self.fits(),
                 "warnings": list(self.warnings)}
 
@@ -308,6 +315,7 @@ class MemoryEstimate:
             params = human_count(row.params) if row.params else ""
             lines.append(f"{row.component:<28}{params:>10}{human_bytes(row.bytes):>12}  {row.dtype}")
         lines.append(f"{'TOTAL (estimated peak)':<28}{'':>10}{human_bytes(self.total_bytes):>12}")
+        lines.append(f"{'load peak (estimated)':<28}{'':>10}{human_bytes(self.load_peak_bytes):>12}")
         if self.device_bytes:
             verdict = "fits" if self.fits() else "does NOT fit"
             lines.append(f"device: {human_bytes(self.device_bytes)} ({self.device_name}) -> {verdict}")
@@ -392,8 +400,14 @@ def estimate_training_memory(config, quant: str = "4bit", r: int = 16, targets="
       layer recomputed, plus its gradients). Off: sum_l W_l + max_l W_l. Attention is assumed memory-efficient
       (SDPA / flash: no seq_len^2 score matrix).
     Logits + loss: T * vocab * (a + 4 + 4) (logits, their fp32 upcast, the fp32 gradient).
-    Dequant workspace (quantized bases): the largest single quantized weight (one expert slice for fused experts)
-      materialised in the compute dtype, twice (forward and backward).
+    Dequant workspace (quantized bases): the grouped experts dequantize the hit experts of one projection at a time,
+      at most `studio.moe.grouped.DEFAULT_WORKSPACE_BYTES` (or one expert if larger), plus the largest quantized
+      linear; counted twice (the chunk and the next one's allocation can overlap).
+    Load peak: the base weights in their final form + the largest transient while loading. Routed experts are
+      quantized tensor by tensor as transformers assigns them; for checkpoints that store experts one by one,
+      transformers' merge holds the per-expert tensors, their stack and the fused result: about 2.5x the largest
+      fused expert tensor in the compute dtype (measured on CPU: 2.4x). Unquantized bases load each tensor
+      straight into place: the largest tensor once.
     Runtime overhead: fixed `overhead_bytes` (default 1.5 GiB: CUDA context, cuBLAS workspaces, allocator slack).
     """
     if quant not in QUANT_MODES:
@@ -415,7 +429,7 @@ def estimate_training_memory(config, quant: str = "4bit", r: int = 16, targets="
 
     # Frozen base weights and LoRA sizes, tensor by tensor.
     rows: dict[str, list[int]] = {c: [0, 0, 0] for c in COMPONENTS}  # params, bytes, quantized params
-    largest_slice = 0
+    largest_slice = largest_stack = largest_tensor = 0
     lora: dict[str, int] = {}
     for info in counts.params:
         row = rows[info.component]
@@ -426,8 +440,11 @@ def estimate_training_memory(config, quant: str = "4bit", r: int = 16, targets="
             row[2] += info.numel
             slice_numel = info.numel // info.shape[0] if len(info.shape) == 3 else info.numel
             largest_slice = max(largest_slice, slice_numel)
+            if len(info.shape) == 3:
+                largest_stack = max(largest_stack, info.numel)
         else:
             row[1] += info.numel * a
+        largest_tensor = max(largest_tensor, info.numel)
         if info.component in target_components:
             n = _lora_params(info, r)
             if n:
@@ -490,7 +507,14 @@ def estimate_training_memory(config, quant: str = "4bit", r: int = 16, targets="
     else:
         est.activation_bytes = int(sum(working) + peak_layer)
     est.logits_bytes = int(tokens * counts.vocab_size * (a + 8))
-    est.workspace_bytes = 2 * largest_slice * a if quant != "none" else 0
+    if quant != "none":
+        from studio.moe.grouped import DEFAULT_WORKSPACE_BYTES
+
+        chunk = min(max(DEFAULT_WORKSPACE_BYTES, largest_slice * a), largest_stack * a) if largest_stack else 0
+        est.workspace_bytes = 2 * max(chunk, largest_slice * a)
+        est.load_transient_bytes = int(2.5 * largest_stack * a) if largest_stack else largest_tensor * a
+    else:
+        est.load_transient_bytes = largest_tensor * a
 
     # Fit against the device.
     if device_bytes is None:
@@ -596,6 +620,8 @@ def format_comparison(estimates: list[MemoryEstimate]) -> str:
                                                          for e in estimates))
     lines.append(f"{'TOTAL (estimated peak)':<28}{'':>10}" + "".join(f"{human_bytes(e.total_bytes):>{width}}"
                                                                      for e in estimates))
+    lines.append(f"{'load peak (estimated)':<28}{'':>10}" + "".join(f"{human_bytes(e.load_peak_bytes):>{width}}"
+                                                                    for e in estimates))
     if first.device_bytes:
         lines.append(f"{'fits ' + human_bytes(first.device_bytes) + '?':<38}"
                      + "".join(f"{'yes' if e.fits() else 'NO':>{width}}" for e in estimates))

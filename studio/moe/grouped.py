@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 MiB = 2 ** 20
 # Transient dense weights (the dequantized hit experts of one projection) are bounded by this budget: the expert
@@ -21,6 +22,12 @@ DEFAULT_WORKSPACE_BYTES = int(float(os.environ.get("STUDIO_EXPERT_WORKSPACE_MB",
 # jagged layout is used instead (torch._grouped_mm, which also handles skewed routing without waste).
 MAX_PADDING_WASTE = 2.0
 LAYOUTS = ("auto", "padded", "jagged")
+
+
+def _pad16(n: int, element_size: int) -> int:
+    """Elements to add so that n elements span a multiple of 16 bytes (torch._grouped_mm's stride rule)."""
+    per = 16 // element_size
+    return (-n) % per
 
 
 def _grouped_mm_fast(device: torch.device, dtype: torch.dtype) -> bool:
@@ -112,13 +119,22 @@ class Routing:
         if self.layout == "padded":
             return torch.bmm(a, w)
         _, offs = self.span(g0, g1)
-        return torch._grouped_mm(a, w, offs=offs)
+        k, m = w.shape[-2:]
+        pk, pm = _pad16(k, a.element_size()), _pad16(m, a.element_size())
+        if pk or pm:  # LoRA ranks such as 6 or 18: zero columns/rows change no product
+            a, w = F.pad(a, (0, pk)), F.pad(w, (0, pm, 0, pk))
+        out = torch._grouped_mm(a, w, offs=offs)
+        return out[:, :m] if pm else out
 
     def wgrad(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per group a_g^T b_g -> [G, p, q] (weight gradients), for a [rows, p] and b [rows, q] in the layout."""
         if self.layout == "padded":
             return torch.bmm(a.transpose(1, 2), b)
-        return torch._grouped_mm(a.t(), b, offs=self.offs)
+        p, q = a.shape[-1], b.shape[-1]
+        pp, pq = _pad16(p, a.element_size()), _pad16(q, b.element_size())
+        if pp or pq:
+            a, b = F.pad(a, (0, pp)), F.pad(b, (0, pq))
+        return torch._grouped_mm(a.t(), b, offs=self.offs)[:, :p, :q]
 
     def chunks(self, bytes_per_expert: int, budget: int) -> list[tuple[int, int]]:
         """Ranges of hit experts whose dense weights fit the workspace budget (at least one expert each)."""
