@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from studio.moe.grouped import DEFAULT_WORKSPACE_BYTES, LAYOUTS, GroupedExpertProjection, Routing
@@ -162,18 +163,19 @@ class ExpertLora(nn.Module):
         a_all, b_all = self.inference_factors(name, x.dtype)
         return F.linear(F.linear(x, a_all[expert]), b_all[expert])
 
-    def grouped_factors(self, name: str, experts: torch.Tensor, dtype: torch.dtype
+    def grouped_factors(self, name: str, routing: Routing, dtype: torch.dtype
                         ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The factors of the experts `experts` as A [n, r, in], B [n, out, r] and the scaling to apply: views of
-        the parameters (gradients flow back into them) while training, the cached scaled copies otherwise."""
+        """The hit experts' factors as A [G, r, in], B [G, out, r] and the scaling to apply: views of the
+        parameters (gradients flow back into them) while training, the cached scaled copies otherwise."""
         a, b = self.lora_A[name], self.lora_B[name]
         if self.training or (torch.is_grad_enabled() and a.requires_grad):
             e = self.num_experts
-            a_g = a.view(e, self.r, a.shape[-1]).index_select(0, experts)
-            b_g = b.view(b.shape[0], self.r, e).permute(2, 0, 1).index_select(0, experts)
+            a_g = routing.select(a.view(e, self.r, a.shape[-1]))
+            # lora_B's columns are rank-major (expert fastest): one copy to expert-major for the batched products
+            b_g = routing.select(b.view(b.shape[0], self.r, e).permute(2, 0, 1)).contiguous()
             return a_g.to(dtype), b_g.to(dtype), self.scaling
         a_all, b_all = self.inference_factors(name, dtype)
-        return a_all.index_select(0, experts), b_all.index_select(0, experts), 1.0
+        return routing.select(a_all), routing.select(b_all), 1.0
 
     def train(self, mode: bool = True):
         # Fused AdamW updates parameters without bumping their version counter, so the inference cache is also
@@ -282,26 +284,38 @@ class StudioExperts(nn.Module):
         packed = getattr(self, f"{name}_nf4")[expert].unsqueeze(1)
         return bnbf.dequantize_4bit(packed, state)
 
-    def dense_experts(self, name: str, experts: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weights of projection `name` for the expert ids `experts` as one dense [n, a, b] tensor (stored
-        orientation), dequantized in one bitsandbytes call when the experts' quantization blocks line up."""
+    def dense_experts(self, name: str, experts: torch.Tensor | slice, dtype: torch.dtype | None = None
+                      ) -> torch.Tensor:
+        """The weights of projection `name` for the expert ids `experts` (a tensor of ids, or a slice of the expert
+        range) as one dense [n, a, b] tensor (stored orientation), dequantized in one bitsandbytes call when the
+        experts' quantization blocks line up."""
         dtype = dtype or self.compute_dtype
+        if isinstance(experts, slice):  # a contiguous range: views of the storage, no gather
+            ids = torch.arange(self.num_experts)[experts]
+
+            def take(t):
+                return t[experts]
+        else:
+            ids = experts
+
+            def take(t):
+                return t.index_select(0, experts)
         if self.quant is None:
-            return getattr(self, name).index_select(0, experts).to(dtype)
+            return take(getattr(self, name)).to(dtype)
         if self.quant.bits == 8:
-            cb = getattr(self, f"{name}_int8").index_select(0, experts)
-            scale = getattr(self, f"{name}_scale").index_select(0, experts)
+            cb = take(getattr(self, f"{name}_int8"))
+            scale = take(getattr(self, f"{name}_scale"))
             return (cb.float() * (scale.unsqueeze(2) / 127.0)).to(dtype)
         import bitsandbytes.functional as bnbf
 
         _, rows, cols = self._shapes[name]
         q = self.quant
         if (rows * cols) % q.blocksize:  # blocks would straddle experts: one call per expert
-            return torch.stack([self.expert_weight(name, int(e), dtype) for e in experts.tolist()])
-        n = experts.numel()
-        absmax = getattr(self, f"{name}_absmax").index_select(0, experts)
+            return torch.stack([self.expert_weight(name, int(e), dtype) for e in ids.tolist()])
+        n = ids.numel()
+        absmax = take(getattr(self, f"{name}_absmax"))
         if q.double_quant:  # the statistics are 8-bit codes with their own absmax (blocks of 256) and an offset
-            absmax2 = getattr(self, f"{name}_absmax2").index_select(0, experts)
+            absmax2 = take(getattr(self, f"{name}_absmax2"))
             code2 = getattr(self, f"{name}_code2")
             blocks = absmax.shape[1]
             if blocks % 256 == 0:
@@ -311,11 +325,11 @@ class StudioExperts(nn.Module):
                 absmax = torch.stack([bnbf.dequantize_blockwise(
                     absmax[i], bnbf.QuantState(absmax=absmax2[i], code=code2, blocksize=256, dtype=torch.float32))
                     for i in range(n)])
-            absmax = absmax + getattr(self, f"{name}_offset").index_select(0, experts).unsqueeze(1)
+            absmax = absmax + take(getattr(self, f"{name}_offset")).unsqueeze(1)
         state = bnbf.QuantState(absmax=absmax.reshape(-1).float(), shape=torch.Size((n * rows, cols)),
                                 code=getattr(self, f"{name}_code"), blocksize=q.blocksize, quant_type=q.quant_type,
                                 dtype=dtype)
-        packed = getattr(self, f"{name}_nf4").index_select(0, experts)
+        packed = take(getattr(self, f"{name}_nf4"))
         return bnbf.dequantize_4bit(packed.reshape(-1, 1), state).view(n, rows, cols)
 
     def storage_bytes(self) -> int:
@@ -439,17 +453,20 @@ class StudioExperts(nn.Module):
 
     def _forward_grouped(self, hidden_states, top_k_index, top_k_weights, mixed):
         """Same function as _forward_eager: the assignments sorted once, every projection one grouped product."""
-        final = torch.zeros_like(hidden_states)
         routing = Routing(top_k_index, self.num_experts, self.grouped_layout, hidden_states.dtype)
         if routing.groups == 0:
-            return final
+            return torch.zeros_like(hidden_states)
         first, second = self.weight_names
-        x = routing.to_layout(hidden_states.index_select(0, routing.token))
+        x = routing.gather_tokens(hidden_states)
         h = self._grouped_project(first, x, routing, mixed)
-        h = self._gate(h)
+        if torch.is_grad_enabled() and h.requires_grad:
+            # keep only the gate's input for backward and recompute the activation there: the activation's own
+            # saved outputs would be another [rows, intermediate] per layer (act(gate), and more for gpt-oss's clamp)
+            h = torch.utils.checkpoint.checkpoint(self._gate, h, use_reentrant=False)
+        else:
+            h = self._gate(h)
         out = self._grouped_project(second, h, routing, mixed)
-        rows = routing.from_layout(out) * top_k_weights.reshape(-1).index_select(0, routing.slot).unsqueeze(1)
-        return final.index_add_(0, routing.token, rows.to(final.dtype))
+        return routing.combine(out, top_k_weights).to(hidden_states.dtype)
 
     def _grouped_project(self, name: str, x: torch.Tensor, routing: Routing, mixed: dict | None) -> torch.Tensor:
         """x W_e (+ bias) + LoRA for rows in `routing`'s layout: the active adapters' (one autograd Function), or
@@ -459,15 +476,15 @@ class StudioExperts(nn.Module):
             for adapter in self.active_adapters:
                 ad = self.adapters[adapter]
                 if name in ad.lora_A:
-                    a, b, s = ad.grouped_factors(name, routing.hit, x.dtype)
+                    a, b, s = ad.grouped_factors(name, routing, x.dtype)
                     scalings.append(s)
                     lora += [ad.dropout(x), a, b]
         y = GroupedExpertProjection.apply(x, self, name, routing, tuple(scalings), *lora)
         if mixed is not None and name in mixed:
             a_all, b_all, keep = mixed[name]
-            keep = routing.to_layout(keep.index_select(0, routing.token))
-            xa = routing.mm(x, a_all.index_select(0, routing.hit).transpose(1, 2)) * keep
-            y = y + routing.mm(xa, b_all.index_select(0, routing.hit).transpose(1, 2))
+            keep = routing.gather_tokens(keep)
+            xa = routing.mm(x, routing.select(a_all).transpose(1, 2)) * keep
+            y = y + routing.mm(xa, routing.select(b_all).transpose(1, 2))
         return y
 
     def _forward_eager(self, hidden_states, top_k_index, top_k_weights, mixed):

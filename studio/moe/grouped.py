@@ -17,7 +17,7 @@ MiB = 2 ** 20
 # Transient dense weights (the dequantized hit experts of one projection) are bounded by this budget: the expert
 # range is chunked when a projection's hit experts would exceed it. Larger chunks amortise kernel launches;
 # smaller ones cap the training peak. Overridable per module (`StudioExperts.workspace_bytes`) or globally.
-DEFAULT_WORKSPACE_BYTES = int(float(os.environ.get("STUDIO_EXPERT_WORKSPACE_MB", "64")) * MiB)
+DEFAULT_WORKSPACE_BYTES = int(float(os.environ.get("STUDIO_EXPERT_WORKSPACE_MB", "16")) * MiB)
 # Padding every expert's rows to the largest group costs G * cap rows; beyond this factor of the real rows the
 # jagged layout is used instead (torch._grouped_mm, which also handles skewed routing without waste).
 MAX_PADDING_WASTE = 2.0
@@ -38,6 +38,46 @@ def _grouped_mm_fast(device: torch.device, dtype: torch.dtype) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+class _Rows(torch.autograd.Function):
+    """out = src[index] (forward) with a backward that writes instead of accumulating: `index` never repeats a
+    position of src here, so the gradient is a plain indexed write into zeros (parallel), where index_select's own
+    backward (index_add) accumulates row by row. `fold` > 1 sums groups of `fold` consecutive positions of src
+    afterwards (src = tokens repeated top_k times, see gather_tokens)."""
+
+    @staticmethod
+    def forward(ctx, src, index, rows, fold):
+        ctx.save_for_backward(index)
+        ctx.rows, ctx.fold = rows, fold
+        return src.index_select(0, index // fold if fold > 1 else index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.rows * ctx.fold, grad.shape[-1])
+        out.index_put_((index,), grad)
+        if ctx.fold > 1:
+            out = out.view(ctx.rows, ctx.fold, -1).sum(1)
+        return out, None, None, None
+
+
+class _Place(torch.autograd.Function):
+    """out = zeros(size); out[index] = src (forward, `index` without repeats), then optionally the sum of groups
+    of `fold` consecutive rows; backward is a gather. Replaces index_add_, which adds row by row on the CPU."""
+
+    @staticmethod
+    def forward(ctx, src, index, size, fold):
+        ctx.save_for_backward(index)
+        ctx.fold = fold
+        out = src.new_zeros(size * fold, src.shape[-1])
+        out.index_put_((index,), src)
+        return out.view(size, fold, -1).sum(1) if fold > 1 else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index // ctx.fold if ctx.fold > 1 else index), None, None, None
+
+
 class Routing:
     """One layer's assignments sorted by expert: which experts are hit (`hit`, G of them), their row counts, and,
     for the sorted rows, the token (`token`) and the flat top-k slot (`slot`) each came from.
@@ -50,6 +90,7 @@ class Routing:
     def __init__(self, top_k_index: torch.Tensor, num_experts: int, layout: str = "auto",
                  dtype: torch.dtype = torch.float32):
         k = top_k_index.shape[-1]
+        self.top_k, self.tokens = k, top_k_index.shape[0]
         flat = top_k_index.reshape(-1)
         device = flat.device
         with torch.no_grad():
@@ -85,18 +126,33 @@ class Routing:
             self.pad_index = self.group_of_row * self.cap + rank
 
     # ---- moving rows in and out of the layout ----
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, d] token states -> the layout: each token once per expert it is routed to (differentiable)."""
+        rows = _Rows.apply(x, self.slot, self.tokens, self.top_k)
+        return self.to_layout(rows)
+
+    def combine(self, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The layout -> [T, d]: each token's expert outputs times its routing weights, summed (differentiable)."""
+        rows = self.from_layout(t) * weights.reshape(-1).index_select(0, self.slot).unsqueeze(1).to(t.dtype)
+        return _Place.apply(rows, self.slot, self.tokens, self.top_k)
+
     def to_layout(self, rows: torch.Tensor) -> torch.Tensor:
         """[n, d] sorted rows -> the layout (differentiable)."""
         if self.layout == "jagged":
             return rows
-        out = rows.new_zeros(self.groups * self.cap, rows.shape[-1])
-        return out.index_copy(0, self.pad_index, rows).view(self.groups, self.cap, rows.shape[-1])
+        return _Place.apply(rows, self.pad_index, self.groups * self.cap, 1).view(self.groups, self.cap, -1)
 
     def from_layout(self, t: torch.Tensor) -> torch.Tensor:
         """The layout -> [n, d] sorted rows (differentiable)."""
         if self.layout == "jagged":
             return t
-        return t.reshape(-1, t.shape[-1]).index_select(0, self.pad_index)
+        return _Rows.apply(t.reshape(-1, t.shape[-1]), self.pad_index, self.groups * self.cap, 1)
+
+    def select(self, per_expert: torch.Tensor) -> torch.Tensor:
+        """[E, ...] per-expert tensors -> [G, ...] for the hit experts (a view when every expert is hit)."""
+        if self.groups == self.num_experts:
+            return per_expert
+        return per_expert.index_select(0, self.hit)
 
     def per_group(self, values: torch.Tensor) -> torch.Tensor:
         """[G, d] per-expert values broadcast onto the layout's rows (biases)."""
@@ -152,7 +208,8 @@ def _base_product(owner, name: str, x: torch.Tensor, routing: Routing, transpose
     out = x.new_empty(out_shape)
     bytes_per_expert = a * b * x.element_size()
     for g0, g1 in routing.chunks(bytes_per_expert, owner.workspace_bytes):
-        w = owner.dense_experts(name, routing.hit[g0:g1], x.dtype)  # stored orientation [n, a, b]
+        experts = slice(g0, g1) if routing.groups == routing.num_experts else routing.hit[g0:g1]
+        w = owner.dense_experts(name, experts, x.dtype)  # stored orientation [n, a, b]
         # as [n, in, out] for the forward product; its transpose [n, out, in] for the input gradient
         w = w if owner.is_transposed else w.transpose(1, 2)
         if transpose:
