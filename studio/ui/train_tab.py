@@ -129,6 +129,7 @@ def plan_estimate(ctx, base: str, quant: str, targets: str, r: float, alpha: flo
     `python -m studio.finetune --dry-run` does, without loading weights. Returns (plan text, summary, bar data)."""
     from studio.finetune import plan_and_estimate
     from studio.models.memory import GiB, human_bytes
+    from studio.moe.plan import trainable_line
 
     cfg = TrainConfig(base=base, quant=quant, targets=targets, r=int(r), alpha=float(alpha), seq_len=int(seq_len),
                       batch_size=int(batch_size))
@@ -143,14 +144,18 @@ def plan_estimate(ctx, base: str, quant: str, targets: str, r: float, alpha: flo
     chosen = estimates[0]
     verdict = "fits in" if chosen.fits() else "does **not** fit in"
     summary = (f"**{chosen.label}:** about **{human_bytes(chosen.total_bytes)}** peak (±20%), {verdict} the "
-               f"{human_bytes(chosen.device_bytes or 0)} of {chosen.device_name}. Trainable LoRA parameters: "
-               f"**{plan.trainable_params:,}**.")
+               f"{human_bytes(chosen.device_bytes or 0)} of {chosen.device_name}. "
+               f"{_first_upper(trainable_line(plan.trainable_params, plan.total_params))}.")
     others = ", ".join(f"{e.label} {human_bytes(e.total_bytes)}" for e in estimates[1:])
     if others:
         summary += f" Compare: {others}."
     for e in estimates:
         summary += "".join(f"\n\n{status('warn', w)}" for w in e.warnings)
     return plan.format(), summary, pd.DataFrame(bars, columns=["setup", "part", "GiB"])
+
+
+def _first_upper(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
