@@ -98,10 +98,17 @@ def _copy_checkout(dest: Path) -> None:
 
 def _isolated_env(tmp: Path) -> tuple[Path, dict]:
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # no pip or setuptools of its own (ensurepip's older setuptools cannot build without `wheel`): both come from
+    # this environment through the .pth, and `pip` is a launcher for that pip running in the new environment
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
     (venv / "lib" / ver / "site-packages" / "_suite_env.pth").write_text(
         "\n".join(p for p in site.getsitepackages() if Path(p).is_dir()) + "\n")
+    for name in ("pip", "pip3"):
+        launcher = venv / "bin" / name
+        launcher.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom pip._internal.cli.main import main\n"
+                            "sys.exit(main())\n")
+        launcher.chmod(0o755)
     ours = Path(sysconfig.get_paths()["scripts"])
     path = os.pathsep.join([str(venv / "bin")] + [p for p in os.environ["PATH"].split(os.pathsep)
                                                   if Path(p) != ours])

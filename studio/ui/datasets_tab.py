@@ -87,7 +87,7 @@ def register_samples(ctx):
 def build(ctx) -> SimpleNamespace:
     ui = SimpleNamespace(apis=[])
     c = functools.partial
-    with gr.Tab("Datasets", id="datasets"):
+    with gr.Tab("Datasets", id="datasets") as ui.tab:
         gr.Markdown("Datasets are normalised to chat messages and versioned by content: the same file registered "
                     "twice is one version. Click a row to preview it.")
         with gr.Row():
@@ -104,6 +104,7 @@ def build(ctx) -> SimpleNamespace:
                                          max_lines=1)
                 ui.info = gr.Markdown()
                 ui.preview = gr.Dataframe(chat_preview([]), label="Preview (first training rows)",
+                                          column_widths=["6%", "10%", "18%", "30%", "36%"],
                                           interactive=False, wrap=True, max_height=300)
                 with gr.Accordion("Versions of this dataset", open=False):
                     ui.versions = gr.Dataframe(frame([], COLUMNS), interactive=False, wrap=True)
@@ -123,6 +124,8 @@ def build(ctx) -> SimpleNamespace:
         ui.new_ref = gr.Textbox(visible=False)
 
     ui.refresh.click(c(list_datasets, ctx), None, ui.table, api_name="list_datasets")
+    # opened after a dataset was registered elsewhere (a training start from the Train tab): list it without Refresh
+    ui.tab.select(c(list_datasets, ctx), None, ui.table, api_visibility="private", show_progress="hidden")
     ui.samples.click(c(register_samples, ctx), None, [ui.status, ui.table], api_name="register_samples")
 
     def pick(evt: gr.SelectData, table):
