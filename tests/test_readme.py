@@ -1,6 +1,6 @@
 """Every command in README.md's fenced blocks, run in order from a fresh copy of the repository, as a new user would.
 
-Slow by nature (about 5 minutes on 2 idle CPU cores): the quickstart fine-tunes tiny-moe twice (~1 min each), the
+Slow by nature (about 5 minutes on 2 idle CPU cores; a machine shared with other CPU-bound jobs can take 10x): the quickstart fine-tunes tiny-moe twice (~1 min each), the
 evaluation, the web UI and the server start real processes. Commands marked `# needs: GPU` or `# needs: network`
 are skipped (listed in the output). A command marked `# runs until Ctrl-C` is a server: it is started, must answer
 HTTP, then gets Ctrl-C and must exit 0; the python block that follows it in the README runs against it meanwhile.
@@ -35,7 +35,7 @@ NEEDS = re.compile(r"#\s*needs:\s*(GPU|network)", re.IGNORECASE)
 SERVER = "# runs until Ctrl-C"
 NOISE = ("kernels-community", "FutureWarning", "Traceback")
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # ~5 min on 2 idle cores; far more on a busy machine
 
 
 def readme_blocks(text: str) -> list[tuple[str, list[str]]]:
@@ -143,7 +143,7 @@ def test_every_readme_command_runs_in_a_fresh_clone(tmp_path):
     before = _installed(suite_dirs)
     log = []
 
-    def run(cmd: str, timeout: float = 900) -> str:
+    def run(cmd: str, timeout: float = 2400) -> str:
         t0 = time.time()
         r = subprocess.run(["bash", "-c", cmd], cwd=clone, env=env, capture_output=True, text=True,
                            timeout=timeout)

@@ -33,8 +33,9 @@ CSS = """
 /* table headers wrap between words, never inside one ("perplexi ty", "tur ns") */
 .gradio-container th, .gradio-container th * { word-break: keep-all !important; overflow-wrap: normal !important;
   hyphens: none !important; }
-/* a phone-width page: tables keep readable columns and scroll sideways instead of one letter per line */
-@media (max-width: 760px) { .gradio-container table { min-width: 720px; } }
+/* a phone-width page: tables keep readable columns and scroll sideways instead of one letter per line (Gradio
+   sizes the columns from its container's width, so the container gets the minimum width) */
+@media (max-width: 760px) { .studio-table { overflow-x: auto !important; } .studio-table > * { min-width: 720px; } }
 """
 
 HEADER = """

@@ -95,6 +95,7 @@ def build(ctx) -> SimpleNamespace:
             ui.samples = gr.Button("Register shipped samples (law, medicine, code)", size="sm", scale=0,
                                    min_width=320)
         ui.table = gr.Dataframe(c(list_datasets, ctx), interactive=False, wrap=True, elem_id="datasets-table",
+                                elem_classes=["studio-table"],
                                 max_height=300,  # a callable value is re-read on every page load
                                 column_widths=["11%", "9%", "4%", "8%", "6%", "7%", "7%", "13%", "10%", "25%"])
         ui.status = gr.Markdown(elem_id="datasets-status")
@@ -105,9 +106,10 @@ def build(ctx) -> SimpleNamespace:
                 ui.info = gr.Markdown()
                 ui.preview = gr.Dataframe(chat_preview([]), label="Preview (first training rows)",
                                           column_widths=["6%", "10%", "18%", "30%", "36%"],
-                                          interactive=False, wrap=True, max_height=300)
+                                          elem_classes=["studio-table"], interactive=False, wrap=True, max_height=300)
                 with gr.Accordion("Versions of this dataset", open=False):
-                    ui.versions = gr.Dataframe(frame([], COLUMNS), interactive=False, wrap=True)
+                    ui.versions = gr.Dataframe(frame([], COLUMNS), interactive=False, wrap=True,
+                                               elem_classes=["studio-table"])
             with gr.Column(scale=2):
                 gr.Markdown("**Register a file**")
                 with gr.Group():

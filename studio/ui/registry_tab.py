@@ -207,6 +207,7 @@ def build(ctx) -> SimpleNamespace:
         with gr.Row():
             ui.refresh = gr.Button("Refresh", size="sm", elem_id="registry-refresh", scale=0, min_width=100)
         ui.table = gr.Dataframe(c(list_adapters, ctx), interactive=False, wrap=True, elem_id="registry-table",
+                                elem_classes=["studio-table"],
                                 max_height=320)  # a callable value is re-read on every page load
         ui.status = gr.Markdown(elem_id="registry-status")
         with gr.Row(equal_height=False):
@@ -251,6 +252,7 @@ def build(ctx) -> SimpleNamespace:
                         ui.diff_go = gr.Button("Diff", scale=0, min_width=80)
                     ui.diff_head = gr.Markdown()
                     ui.diff_table = gr.Dataframe(frame([], DIFF_COLUMNS), interactive=False, wrap=True,
+                                                 elem_classes=["studio-table"],
                                                  max_height=360)
 
     ui.outputs_for_show = [ui.selected, ui.details, ui.plot, ui.domain]

@@ -330,6 +330,7 @@ def build(ctx) -> SimpleNamespace:
                 ui.data_info = gr.Markdown(elem_id="train-data-info")
                 ui.preview = gr.Dataframe(chat_preview([]), label="Preview (normalised to chat messages)", wrap=True,
                                           max_height=360, interactive=False, elem_id="train-preview",
+                                          elem_classes=["studio-table"],
                                           column_widths=["6%", "10%", "18%", "30%", "36%"])
             with gr.Column(scale=1):
                 gr.Markdown("### 2 · Base model and LoRA")
@@ -398,7 +399,7 @@ def build(ctx) -> SimpleNamespace:
         with gr.Row():
             ui.jobs_refresh = gr.Button("Refresh", size="sm", elem_id="jobs-refresh", scale=0, min_width=100)
         ui.jobs_table = gr.Dataframe(functools.partial(list_jobs, ctx), interactive=False, wrap=True,
-                                     elem_id="jobs-table")  # a callable value is re-read on every page load
+                                     elem_id="jobs-table", elem_classes=["studio-table"])  # re-read on every page load
         ui.jobs_timer = gr.Timer(3.0)
     _wire(ctx, ui)
     return ui
