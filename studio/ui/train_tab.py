@@ -142,7 +142,7 @@ def plan_estimate(ctx, base: str, quant: str, targets: str, r: float, alpha: flo
                  "LoRA + gradients + AdamW": e.lora_weight_bytes + e.lora_grad_bytes + e.optimizer_bytes,
                  "activations + logits": e.activation_bytes + e.logits_bytes,
                  "dequant workspace": e.workspace_bytes}
-        bars += [{"setup": e.label, "part": k, "GiB": v / GiB} for k, v in parts.items()]
+        bars += [{"setup": e.label, "part": k, "GiB": v / GiB} for k, v in parts.items() if v > 0]
     chosen = estimates[0]
     verdict = "fits in" if chosen.fits() else "does **not** fit in"
     summary = (f"**{chosen.label}:** about **{human_bytes(chosen.total_bytes)}** peak (±20%), {verdict} the "
