@@ -44,7 +44,7 @@ def test_diff_of_two_seeds_shows_no_config_change(tmp_path):
     # `registry show`: the plan and lineage as wrapped, indented lines (no one-line JSON); --json stays JSON
     show = studio_cli("--root", root, "show", "law@v2", env={"COLUMNS": "100"}).stdout
     assert max(len(line) for line in show.splitlines()) <= 100, show
-    assert "\nplan:\n" in show and "  targets: attention, experts" in show and "{\"" not in show, show
+    assert "\n  plan:\n" in show and "\n    targets: attention, experts\n" in show and "{\"" not in show, show
     assert json.loads(studio_cli("--root", root, "--json", "show", "law@v2").stdout)["ref"] == "law@v2"
 
 

@@ -146,7 +146,7 @@ def _print_tree(val, depth: int) -> None:
     pad = "  " * depth
     if isinstance(val, dict):
         for k, x in val.items():
-            if isinstance(x, dict) or (isinstance(x, list) and any(isinstance(i, (dict, list)) for i in x)):
+            if isinstance(x, dict) or (isinstance(x, list) and not _flat(x)):
                 print(f"{pad}{k}:")
                 _print_tree(x, depth + 1)
             else:
@@ -158,6 +158,12 @@ def _print_tree(val, depth: int) -> None:
                 _print_tree(x, depth + 1)
             else:
                 _print_leaf(f"{pad}- ", x)
+
+
+def _flat(items: list) -> bool:
+    """Names, numbers, or shapes (lists of numbers): printed on one wrapped line (`8x128x64, 8x64x64`)."""
+    return all(not isinstance(i, (dict, list)) or (isinstance(i, list) and
+                                                    not any(isinstance(j, (dict, list)) for j in i)) for i in items)
 
 
 def _print_leaf(head: str, x) -> None:
@@ -219,9 +225,9 @@ def _show(reg, args):
             print(f"  notes     {v.notes}")
         for key, val in v.lineage.items():
             if key not in ("parent", "created") and val:
-                print(f"{key}:" if isinstance(val, (dict, list)) else f"  {key:<9} {val}")
+                print(f"  {key}:" if isinstance(val, (dict, list)) else f"  {key:<9} {val}")
                 if isinstance(val, (dict, list)):
-                    _print_tree(val, 1)
+                    _print_tree(val, 2)
         print("metrics:")
         for e in v.metrics_history or [{"source": "-", "at": "", "metrics": {}}]:
             values = ", ".join(f"{k}={_num(x)}" for k, x in e["metrics"].items())
