@@ -169,7 +169,8 @@ def test_every_readme_command_runs_in_a_fresh_clone(tmp_path):
                 out = run(cmd)
                 if first:  # the quickstart's fine-tune: a new user sees no alarming noise
                     first = False
-                    assert "Registered law@v1" in out or "law@v1" in out, out[-3000:]
+                    assert "registered law@v1 in the adapter registry" in out, out[-3000:]
+                    assert "\x1b[" not in out, "progress-bar escape codes in output that is not a terminal"
                     for noise in NOISE:
                         assert noise not in out, f"{noise!r} in the quickstart's output:\n{out[-6000:]}"
                 continue
