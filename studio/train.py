@@ -224,8 +224,10 @@ def _callbacks(cancel: _Cancel, log_path: Path, aux_coef: float, on_event):
             keys = [("loss", "loss", ".4f"), ("eval_loss", "eval_loss", ".4f"), ("aux_loss", "aux", ".3f"),
                     ("learning_rate", "lr", ".2e")]
             parts = [f"{label} {logs[k]:{spec}}" for k, label, spec in keys if isinstance(logs.get(k), (int, float))]
-            if parts:
-                print(f"step {state.global_step}/{state.max_steps}  " + "  ".join(parts), flush=True)
+            line = f"step {state.global_step}/{state.max_steps}  " + "  ".join(parts)
+            if parts and line != getattr(self, "last", None):  # the final evaluation repeats the last step's
+                print(line, flush=True)
+                self.last = line
 
     return [StudioCallback(), StudioProgress() if _interactive() else PlainProgress()]
 
