@@ -140,6 +140,7 @@ def save_adapter(model: nn.Module, plan: LoraPlan, out_dir: str | os.PathLike, a
         raise ModelError(f"adapter {adapter!r} has no weights on this model")
     save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     _peft_config(plan, base_id, inference=True).save_pretrained(str(tmp))
+    _sort_config_lists(tmp / "adapter_config.json")
     meta = dict(metadata or {})
     meta.setdefault("plan", plan.to_dict())
     (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
@@ -159,6 +160,16 @@ def save_adapter(model: nn.Module, plan: LoraPlan, out_dir: str | os.PathLike, a
     else:
         os.rename(tmp, out)
     return out
+
+
+def _sort_config_lists(path: Path) -> None:
+    """PEFT keeps target_modules as a set and saves it in hash order, which changes from run to run: the same plan
+    would give different config bytes (a spurious `registry diff` change). Save the name lists sorted."""
+    cfg = json.loads(path.read_text())
+    for key in ("target_modules", "target_parameters", "modules_to_save"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def plan_from_config(model: nn.Module, adapter_dir: str | os.PathLike) -> LoraPlan:

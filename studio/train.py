@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -222,7 +223,28 @@ def _callbacks(cancel: _Cancel, log_path: Path, aux_coef: float, on_event):
                 self.postfix["tok/s"] = f"{logs['tokens_per_s']:.0f}"
             self.training_bar.set_postfix(self.postfix, refresh=True)
 
-    return [StudioCallback(), StudioProgress()]
+    class PlainProgress(TrainerCallback):
+        """Output to a file or a pipe (the web UI's worker log, CI): one plain line per logging step, because
+        tqdm's redrawn bars become nested bars and `[A` escape codes there."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not state.max_steps:  # not the evaluation before training
+                return
+            logs = logs or {}
+            keys = [("loss", "loss", ".4f"), ("eval_loss", "eval_loss", ".4f"), ("aux_loss", "aux", ".3f"),
+                    ("learning_rate", "lr", ".2e")]
+            parts = [f"{label} {logs[k]:{spec}}" for k, label, spec in keys if isinstance(logs.get(k), (int, float))]
+            line = f"step {state.global_step}/{state.max_steps}  " + "  ".join(parts)
+            if parts and line != getattr(self, "last", None):  # the final evaluation repeats the last step's
+                print(line, flush=True)
+                self.last = line
+
+    return [StudioCallback(), StudioProgress() if _interactive() else PlainProgress()]
+
+
+def _interactive() -> bool:
+    """Progress bars only on a terminal (tqdm draws on stderr)."""
+    return sys.stderr.isatty()
 
 
 def _filter_rows(rows, tokenizer, seq_len: int):
@@ -297,7 +319,11 @@ def prepare(cfg: TrainConfig, log=print):
                            f"prompts longer than --seq-len {cfg.seq_len}. Raise --seq-len or shorten the prompts.")
     if dropped_train or dropped_eval:
         log(f"dropped {dropped_train} train / {dropped_eval} eval rows whose prompt exceeds --seq-len {cfg.seq_len}")
-    plan = build_plan(loaded.model, loaded.arch, loaded.components, cfg.targets, settings)
+    from studio.models.memory import count_parameters
+
+    # the base's unquantized count, the same definition as the dry run and the web UI (see trainable_line)
+    plan = build_plan(loaded.model, loaded.arch, loaded.components, cfg.targets, settings,
+                      total_params=count_parameters(loaded.model.config).total)
     log(plan.format())
     return dict(dataset=dataset, domain=domain, loaded=loaded, plan=plan, train_rows=train_rows,
                 eval_rows=eval_rows, dropped={"train": dropped_train, "eval": dropped_eval})
@@ -322,6 +348,12 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
 
     if not is_main_process():
         log = _quiet
+    if not _interactive():  # to a file or pipe: no redrawn bars (loading weights, tokenizing), PlainProgress lines
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     set_seed(cfg.seed)
     p = prepare(cfg, log)
     loaded, plan, dataset = p["loaded"], p["plan"], p["dataset"]
@@ -350,14 +382,16 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
         learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, max_length=cfg.seq_len, packing=cfg.packing,
-        assistant_only_loss=True, gradient_checkpointing=cfg.grad_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=use_bf16,
+        # transformers 5.23 renamed gradient_checkpointing* (the old names warn with a FutureWarning; TRL's
+        # SFTConfig sets the old one by default, so the new ones must be given explicitly)
+        assistant_only_loss=True, activation_checkpointing=cfg.grad_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False}, bf16=use_bf16,
         use_cpu=device.type == "cpu", lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, logging_steps=cfg.logging_steps,
         eval_strategy="steps" if cfg.eval_steps > 0 else "no", eval_steps=cfg.eval_steps or None,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=3, report_to="none",
         router_aux_loss_coef=aux_coef, dataset_num_proc=None, remove_unused_columns=True,
-        disable_tqdm=False, ddp_find_unused_parameters=False,
+        disable_tqdm=not _interactive(), ddp_find_unused_parameters=False,
     )
     trainer_cls = _build_trainer_class()
     train_ds = Dataset.from_list([{"messages": m} for m in p["train_rows"]])
@@ -368,8 +402,10 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
                               callbacks=_callbacks(cancel, log_path, aux_coef, on_event))
         from transformers.trainer_callback import ProgressCallback
 
-        for cb in [c for c in trainer.callback_handler.callbacks if type(c) is ProgressCallback]:
-            trainer.remove_callback(cb)  # replaced by StudioProgress
+        from transformers.trainer_callback import PrinterCallback
+
+        for cb in [c for c in trainer.callback_handler.callbacks if type(c) in (ProgressCallback, PrinterCallback)]:
+            trainer.remove_callback(cb)  # replaced by StudioProgress (a terminal) or PlainProgress (a file or pipe)
         trainer.studio_plan, trainer.studio_base_id = plan, cfg.base
         metrics: dict = {}
         if eval_ds is not None and not resume:

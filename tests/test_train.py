@@ -1,6 +1,7 @@
 """The trainer and `python -m studio.finetune`: losses, aux loss, resume, cancel, recipes, bad input."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,8 +87,13 @@ def test_quickstart_recipe_lowers_held_out_loss_and_registers(tmp_path, capsys):
     code = finetune_main(["--config", "recipes/tiny-moe-law.yaml", "--max-steps", "40", "--eval-steps", "0",
                           "--output", str(tmp_path / "run")])
     assert code == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "held-out loss on law: before" in out
+    # captured output is not a terminal: one plain line per logging step, no redrawn bars or escape codes
+    assert re.search(r"^step 40/40  loss \d+\.\d{4}", out, flags=re.M), out[-2000:]
+    assert "\x1b[" not in out + captured.err and "it/s]" not in out + captured.err
+    assert "trainable parameters (LoRA): 452,608 = 6.829% of the base's 6,628,096" in out
     meta = json.loads((tmp_path / "run" / "adapter" / "studio_adapter.json").read_text())
     assert meta["metrics"]["eval_loss"] < meta["metrics"]["eval_loss_before"]
     assert meta["dataset"]["ref"] == "law@v1"

@@ -40,9 +40,9 @@ def register(subparsers) -> None:
     plan.add_argument("--double-quant", action="store_true", help="4-bit: also quantize the absmax statistics")
     # LoRA and batch shape
     plan.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
-    plan.add_argument("--targets", default="all",
+    plan.add_argument("--targets", default="attention,experts",
                       help="LoRA targets: a preset (attention, experts, shared_experts, all, full) or groups, "
-                           "comma-separated (default all)")
+                           "comma-separated (default attention,experts, as in finetune and the web UI)")
     plan.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     plan.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
     plan.add_argument("--no-grad-checkpointing", action="store_true", help="estimate without gradient checkpointing")
@@ -122,6 +122,8 @@ def _show(args) -> int:
 
 
 def _plan(args) -> int:
+    from studio.moe.plan import trainable_line
+
     base = resolve.resolve_base(args.base, config_only=True)
     counts = memory.count_parameters(base.config)
     device_bytes = memory.parse_bytes(args.device_memory) if args.device_memory else None
@@ -138,6 +140,7 @@ def _plan(args) -> int:
                                                                     if base.kind == "hub" else "")
     print(f"base {base.ref} ({source})")
     print(counts.format_report())
+    print(trainable_line(estimates[0].lora_params, counts.total) + f" with --targets {args.targets} --r {args.r}")
     print()
     print(memory.format_comparison(estimates))
     if not resolve.is_moe_config(base.config):

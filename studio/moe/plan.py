@@ -82,9 +82,18 @@ class LoraPlan:
             leaves = sorted({n.split(".", 3)[-1] if g.group != "routed_experts" else n.rsplit(".", 2)[-2] + "."
                              + n.rsplit(".", 1)[-1] for n in g.names})
             lines.append(f"{g.group:<16}{g.count:>6}  {shape_txt:<28}{g.trainable:>12,}  {', '.join(leaves[:6])}")
-        pct = 100 * self.trainable_params / max(self.total_params, 1)
-        lines.append(f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} ({pct:.3f}%)")
+        lines.append(trainable_line(self.trainable_params, self.total_params))
         return "\n".join(lines)
+
+
+def trainable_line(trainable: int, total: int) -> str:
+    """The one definition of the trainable share, used by the trainer, `--dry-run`, `studio models plan` and the web
+    UI: LoRA parameters over every parameter of the base as published (embeddings and lm_head included, counted
+    unquantized: a 4-bit tensor packs two values per stored element, so counting stored elements would vary with
+    the quantization)."""
+    pct = 100 * trainable / max(total, 1)
+    return (f"trainable parameters (LoRA): {trainable:,} = {pct:.3f}% of the base's {total:,} "
+            f"(all weights, counted unquantized)")
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import textwrap
 import warnings
 
 from studio.errors import RegistryError
@@ -134,6 +136,51 @@ def table(rows: list[list], headers: list[str]) -> str:
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells])
 
 
+def _width() -> int:
+    return max(60, min(shutil.get_terminal_size((100, 24)).columns, 160))
+
+
+def _print_tree(val, depth: int) -> None:
+    """Nested lineage (plan, base, hyperparameters) as indented `key: value` lines; long lists of names wrap at the
+    terminal width instead of one JSON line thousands of characters long (`--json` keeps the machine form)."""
+    pad = "  " * depth
+    if isinstance(val, dict):
+        for k, x in val.items():
+            if isinstance(x, dict) or (isinstance(x, list) and not _flat(x)):
+                print(f"{pad}{k}:")
+                _print_tree(x, depth + 1)
+            else:
+                _print_leaf(f"{pad}{k}: ", x)
+    elif isinstance(val, list):
+        for i, x in enumerate(val):
+            if isinstance(x, (dict, list)):
+                print(f"{pad}- [{i}]")
+                _print_tree(x, depth + 1)
+            else:
+                _print_leaf(f"{pad}- ", x)
+
+
+def _flat(items: list) -> bool:
+    """Names, numbers, or shapes (lists of numbers): printed on one wrapped line (`8x128x64, 8x64x64`)."""
+    return all(not isinstance(i, (dict, list)) or (isinstance(i, list) and
+                                                    not any(isinstance(j, (dict, list)) for j in i)) for i in items)
+
+
+def _print_leaf(head: str, x) -> None:
+    if isinstance(x, list):
+        text = ", ".join("x".join(map(str, i)) if isinstance(i, list) else str(i) for i in x) or "[]"
+    else:
+        text = "-" if x is None else str(_num(x))
+    print(textwrap.fill(text, _width(), initial_indent=head, subsequent_indent=" " * len(head),
+                        break_on_hyphens=False, break_long_words=False))
+
+
+def _cell(x, n: int = 40) -> str:
+    """A diff cell: short enough that the table stays readable (`--json` has the full values)."""
+    text = json.dumps(x, sort_keys=True) if isinstance(x, (dict, list)) else ("-" if x is None else str(_num(x)))
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def _num(x):
     return f"{x:.4g}" if isinstance(x, float) else x
 
@@ -178,7 +225,9 @@ def _show(reg, args):
             print(f"  notes     {v.notes}")
         for key, val in v.lineage.items():
             if key not in ("parent", "created") and val:
-                print(f"  {key:<9} {json.dumps(val, sort_keys=True)}")
+                print(f"  {key}:" if isinstance(val, (dict, list)) else f"  {key:<9} {val}")
+                if isinstance(val, (dict, list)):
+                    _print_tree(val, 2)
         print("metrics:")
         for e in v.metrics_history or [{"source": "-", "at": "", "metrics": {}}]:
             values = ", ".join(f"{k}={_num(x)}" for k, x in e["metrics"].items())
@@ -236,7 +285,7 @@ def _diff(reg, args):
             if section in ("a", "b", "files"):
                 continue
             for key, pair in changes.items():
-                rows.append([section, key, json.dumps(pair["a"]), json.dumps(pair["b"]),
+                rows.append([section, key, _cell(pair["a"]), _cell(pair["b"]),
                              _num(pair["delta"]) if "delta" in pair else None])
         for kind, paths in d["files"].items():
             rows += [["files", p, None, kind, None] for p in paths]

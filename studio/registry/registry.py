@@ -516,7 +516,7 @@ class AdapterRegistry:
         a, b = self.resolve(ref_a), self.resolve(ref_b)
         cfg_a = json.loads(self._file_bytes(a, "adapter_config.json"))
         cfg_b = json.loads(self._file_bytes(b, "adapter_config.json"))
-        out = {"a": a.ref, "b": b.ref, "config": _dict_diff(cfg_a, cfg_b)}
+        out = {"a": a.ref, "b": b.ref, "config": _dict_diff(_config_sets(cfg_a), _config_sets(cfg_b))}
         for section in ("plan", "base", "dataset", "hyperparameters", "quantization", "library_versions"):
             out[section] = _dict_diff(a.metadata.get(section), b.metadata.get(section))
         metrics = _dict_diff(a.metrics, b.metrics)
@@ -622,6 +622,12 @@ def _flatten(obj, prefix: str = "") -> dict:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out if out or not prefix else {prefix[:-1]: {}}
     return {prefix[:-1]: obj} if prefix else {"": obj}
+
+
+def _config_sets(cfg: dict) -> dict:
+    """PEFT's name lists are sets (older adapters saved them in hash order): compare them order-free."""
+    return {k: sorted(v) if k in ("target_modules", "target_parameters", "modules_to_save") and isinstance(v, list)
+            else v for k, v in cfg.items()}
 
 
 def _dict_diff(a, b) -> dict:

@@ -30,6 +30,14 @@ CSS = """
 .studio-pane { min-height: 160px; }
 .studio-figure img { max-width: 100%; height: auto; object-fit: contain; }
 .studio-pane textarea { font-size: 0.95rem !important; line-height: 1.45 !important; }
+/* table headers wrap between words, never inside one ("perplexi ty", "tur ns") */
+.gradio-container th, .gradio-container th * { word-break: keep-all !important; overflow-wrap: normal !important;
+  hyphens: none !important; }
+/* the label column of a Markdown fact table (lineage) keeps its words whole ("quantizatio n") */
+.prose table td:first-child { white-space: nowrap; }
+/* a phone-width page: tables keep readable columns and scroll sideways instead of one letter per line (Gradio
+   sizes the columns from its container's width, so the container gets the minimum width) */
+@media (max-width: 760px) { .studio-table { overflow-x: auto !important; } .studio-table > * { min-width: 720px; } }
 """
 
 HEADER = """

@@ -209,7 +209,7 @@ def build(ctx) -> SimpleNamespace:
         gr.Markdown("### Metrics")
         ui.verdict = gr.Markdown(elem_id="compare-verdict")
         ui.table = gr.Dataframe(pd.DataFrame(columns=[label for _, label, _ in METRIC_COLUMNS]), interactive=False,
-                                wrap=True, elem_id="compare-metrics")
+                                wrap=True, elem_id="compare-metrics", elem_classes=["studio-table"])
         with gr.Row(equal_height=False):  # the figures carry their own titles
             ui.loss_plot = gr.Plot(show_label=False, elem_id="compare-loss-plot", elem_classes="studio-figure")
             ui.drift_plot = gr.Plot(show_label=False, elem_classes="studio-figure")

@@ -87,7 +87,7 @@ def register_samples(ctx):
 def build(ctx) -> SimpleNamespace:
     ui = SimpleNamespace(apis=[])
     c = functools.partial
-    with gr.Tab("Datasets", id="datasets"):
+    with gr.Tab("Datasets", id="datasets") as ui.tab:
         gr.Markdown("Datasets are normalised to chat messages and versioned by content: the same file registered "
                     "twice is one version. Click a row to preview it.")
         with gr.Row():
@@ -95,6 +95,7 @@ def build(ctx) -> SimpleNamespace:
             ui.samples = gr.Button("Register shipped samples (law, medicine, code)", size="sm", scale=0,
                                    min_width=320)
         ui.table = gr.Dataframe(c(list_datasets, ctx), interactive=False, wrap=True, elem_id="datasets-table",
+                                elem_classes=["studio-table"],
                                 max_height=300,  # a callable value is re-read on every page load
                                 column_widths=["11%", "9%", "4%", "8%", "6%", "7%", "7%", "13%", "10%", "25%"])
         ui.status = gr.Markdown(elem_id="datasets-status")
@@ -104,9 +105,11 @@ def build(ctx) -> SimpleNamespace:
                                          max_lines=1)
                 ui.info = gr.Markdown()
                 ui.preview = gr.Dataframe(chat_preview([]), label="Preview (first training rows)",
-                                          interactive=False, wrap=True, max_height=300)
+                                          column_widths=["6%", "10%", "18%", "30%", "36%"],
+                                          elem_classes=["studio-table"], interactive=False, wrap=True, max_height=300)
                 with gr.Accordion("Versions of this dataset", open=False):
-                    ui.versions = gr.Dataframe(frame([], COLUMNS), interactive=False, wrap=True)
+                    ui.versions = gr.Dataframe(frame([], COLUMNS), interactive=False, wrap=True,
+                                               elem_classes=["studio-table"])
             with gr.Column(scale=2):
                 gr.Markdown("**Register a file**")
                 with gr.Group():
@@ -123,6 +126,8 @@ def build(ctx) -> SimpleNamespace:
         ui.new_ref = gr.Textbox(visible=False)
 
     ui.refresh.click(c(list_datasets, ctx), None, ui.table, api_name="list_datasets")
+    # opened after a dataset was registered elsewhere (a training start from the Train tab): list it without Refresh
+    ui.tab.select(c(list_datasets, ctx), None, ui.table, api_visibility="private", show_progress="hidden")
     ui.samples.click(c(register_samples, ctx), None, [ui.status, ui.table], api_name="register_samples")
 
     def pick(evt: gr.SelectData, table):

@@ -278,6 +278,41 @@ class JobManager:
         self.refresh()
         return self.get(job_id)
 
+    def register_saved(self, job_id: str, registry) -> str:
+        """Register the adapter a cancelled job saved at its last step (the cancel did not register it), as the next
+        version of the job's domain. Returns the new ref; it is recorded on the job."""
+        job = self.get(job_id)
+        adapter = job.run_dir / "adapter"
+        if job.status != CANCELLED or job.registry_ref:
+            raise JobError(f"job {job_id} is {job.status}" + (f" and registered as {job.registry_ref}"
+                                                               if job.registry_ref else "")
+                           + "; only a cancelled job's saved adapter can be registered this way")
+        if not (adapter / "adapter_config.json").is_file():
+            raise JobError(f"job {job_id} saved no adapter (it was cancelled before its first step, or the adapter "
+                           "was discarded)")
+        version = registry.register(adapter, domain=job.domain,
+                                    notes=f"from job {job.id}, cancelled at step {job.progress()['step']}")
+        con = self._connect()
+        try:
+            self._update(con, job_id, registry_ref=version.ref)
+        finally:
+            con.close()
+        return version.ref
+
+    def discard_saved(self, job_id: str) -> None:
+        """Delete the run directory (adapter, checkpoints) of a cancelled, unregistered job; its log is kept."""
+        import shutil
+
+        job = self.get(job_id)
+        if job.status != CANCELLED or job.registry_ref:
+            raise JobError(f"job {job_id} is {job.status}; only a cancelled, unregistered job's files are discarded")
+        shutil.rmtree(job.run_dir, ignore_errors=True)
+        con = self._connect()
+        try:
+            self._update(con, job_id, error="cancelled; its saved adapter was discarded")
+        finally:
+            con.close()
+
     def refresh(self) -> None:
         """Reconcile the table with the workers: collect finished ones, then start queued jobs in order."""
         with self._lock:

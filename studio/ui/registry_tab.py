@@ -98,7 +98,10 @@ def _domain_plot(ctx, domain: str):
     if not rows:  # None, not an empty frame: an empty native plot without a fixed height grows without bound
         return gr.BarPlot(None)
     df = pd.DataFrame(rows, columns=["version", "loss", "metric"])
-    return gr.BarPlot(df, sort=list(df["version"]))
+    # the y axis spans the losses, not 0..max: 8.78 vs 8.38 is a visible step, not two bars of equal height
+    lo, hi = float(df["loss"].min()), float(df["loss"].max())
+    pad = max(hi - lo, 0.05 * abs(hi), 1e-3) * 0.25
+    return gr.BarPlot(df, sort=list(df["version"]), y_lim=[lo - 2 * pad, hi + pad])
 
 
 @user_errors
@@ -204,12 +207,15 @@ def build(ctx) -> SimpleNamespace:
         with gr.Row():
             ui.refresh = gr.Button("Refresh", size="sm", elem_id="registry-refresh", scale=0, min_width=100)
         ui.table = gr.Dataframe(c(list_adapters, ctx), interactive=False, wrap=True, elem_id="registry-table",
+                                elem_classes=["studio-table"],
                                 max_height=320)  # a callable value is re-read on every page load
         ui.status = gr.Markdown(elem_id="registry-status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 ui.selected = gr.Textbox(label="Selected version", placeholder="law@v3", max_lines=1,
                                          elem_id="registry-selected")
+                ui.download = gr.DownloadButton("Download selected (zip)", value=None, size="sm",
+                                                elem_id="registry-download", interactive=False)
                 ui.details = gr.Markdown(elem_id="registry-details")
             with gr.Column(scale=2):
                 ui.domain = gr.Textbox(visible=False)
@@ -246,9 +252,11 @@ def build(ctx) -> SimpleNamespace:
                         ui.diff_go = gr.Button("Diff", scale=0, min_width=80)
                     ui.diff_head = gr.Markdown()
                     ui.diff_table = gr.Dataframe(frame([], DIFF_COLUMNS), interactive=False, wrap=True,
+                                                 elem_classes=["studio-table"],
                                                  max_height=360)
 
     ui.outputs_for_show = [ui.selected, ui.details, ui.plot, ui.domain]
+    _wire_download(ctx, ui)
 
     def refresh_all():
         refs = adapter_refs(ctx)
@@ -294,3 +302,45 @@ def _details_api(ctx):
         return json.dumps({"ref": v.ref, "sha": v.sha, "aliases": v.aliases, "lineage": v.lineage,
                            "metrics_history": v.metrics_history, "files": v.files})
     return details
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# download: the selected version's files as a zip
+
+
+def download_zip(ctx, ref: str) -> str:
+    """A zip of one version's files as registered: the PEFT files (adapter_config.json, adapter_model.safetensors),
+    studio_adapter.json (lineage) and whatever else the run registered. Built from the registry's verified
+    read-only checkout into a temporary folder Gradio serves; named `<domain>-v<N>-<sha12>.zip`."""
+    import os
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    v = ctx.adapters.resolve(ref)
+    src = Path(ctx.adapters.path(v.ref))
+    # one zip per content hash (versions are immutable), written under a temporary name and renamed last
+    out = Path(tempfile.gettempdir()) / "studio-downloads" / f"{v.domain}-v{v.number}-{v.sha[:12]}.zip"
+    if out.is_file():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(v.files, key=lambda f: f["path"]):
+            z.write(src / f["path"], f"{v.domain}-v{v.number}/{f['path']}")
+    os.replace(tmp, out)
+    return str(out)
+
+
+def _wire_download(ctx, ui) -> None:
+    """Whenever a version is shown, the Download button holds its zip (a few hundred KiB for LoRA factors)."""
+    def ready(ref: str):
+        ref = (ref or "").strip()
+        try:
+            path = download_zip(ctx, ref) if ref else None
+        except Exception:  # an unknown ref is reported in the details pane already
+            path = None
+        label = f"Download {ctx.adapters.resolve(ref).ref} (zip)" if path else "Download selected (zip)"
+        return gr.DownloadButton(label, value=path, interactive=bool(path))
+
+    ui.selected.change(ready, ui.selected, ui.download, api_visibility="private", show_progress="hidden")

@@ -129,28 +129,37 @@ def plan_estimate(ctx, base: str, quant: str, targets: str, r: float, alpha: flo
     `python -m studio.finetune --dry-run` does, without loading weights. Returns (plan text, summary, bar data)."""
     from studio.finetune import plan_and_estimate
     from studio.models.memory import GiB, human_bytes
+    from studio.moe.plan import trainable_line
 
     cfg = TrainConfig(base=base, quant=quant, targets=targets, r=int(r), alpha=float(alpha), seq_len=int(seq_len),
                       batch_size=int(batch_size))
     plan, estimates = plan_and_estimate(cfg)
     bars = []
     for e in estimates:
+        # the fixed runtime overhead (CUDA context, allocator slack: the same in every bar, and on a small base the
+        # whole bar) is stated in the summary instead of drawn, so the bars compare what the setups change
         parts = {"frozen base weights": e.base_weight_bytes,
                  "LoRA + gradients + AdamW": e.lora_weight_bytes + e.lora_grad_bytes + e.optimizer_bytes,
                  "activations + logits": e.activation_bytes + e.logits_bytes,
-                 "workspace + runtime": e.workspace_bytes + e.overhead_bytes}
-        bars += [{"setup": e.label, "part": k, "GiB": v / GiB} for k, v in parts.items()]
+                 "dequant workspace": e.workspace_bytes}
+        bars += [{"setup": e.label, "part": k, "GiB": v / GiB} for k, v in parts.items() if v > 0]
     chosen = estimates[0]
     verdict = "fits in" if chosen.fits() else "does **not** fit in"
     summary = (f"**{chosen.label}:** about **{human_bytes(chosen.total_bytes)}** peak (±20%), {verdict} the "
-               f"{human_bytes(chosen.device_bytes or 0)} of {chosen.device_name}. Trainable LoRA parameters: "
-               f"**{plan.trainable_params:,}**.")
+               f"{human_bytes(chosen.device_bytes or 0)} of {chosen.device_name}. "
+               f"{_first_upper(trainable_line(plan.trainable_params, plan.total_params))}.")
     others = ", ".join(f"{e.label} {human_bytes(e.total_bytes)}" for e in estimates[1:])
     if others:
         summary += f" Compare: {others}."
+    summary += (f" Totals include {human_bytes(chosen.overhead_bytes)} of fixed runtime overhead, not drawn in the "
+                "chart.")
     for e in estimates:
         summary += "".join(f"\n\n{status('warn', w)}" for w in e.warnings)
     return plan.format(), summary, pd.DataFrame(bars, columns=["setup", "part", "GiB"])
+
+
+def _first_upper(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,7 +178,7 @@ def start_training(ctx, source: str, file: str | None, name: str, eval_ratio: fl
             raise DatasetError(f"{label} must be a positive whole number, got {value!r}")
     cfg = TrainConfig(base=base, dataset="?", quant=quant, targets=targets, r=int(r), alpha=float(alpha),
                       learning_rate=float(learning_rate), max_steps=int(steps), batch_size=int(batch_size),
-                      seq_len=int(seq_len), eval_steps=int(eval_steps or 0), seed=int(seed or 0),
+                      seq_len=int(seq_len), eval_steps=auto_eval_steps(eval_steps, steps), seed=int(seed or 0),
                       save_steps=max(int(steps), 1), logging_steps=max(1, min(10, int(steps) // 20 or 1)))
     from studio.moe.plan import build_plan
 
@@ -196,6 +205,13 @@ def start_training(ctx, source: str, file: str | None, name: str, eval_ratio: fl
                                   f"for {int(steps)} steps.")
 
 
+def auto_eval_steps(eval_steps, steps) -> int:
+    """0 (the default) evaluates five times over the run, so a short run still draws a held-out line (a fixed 25
+    gave a 10-step run just its start and end points)."""
+    n = int(eval_steps or 0)
+    return n if n > 0 else max(1, int(steps) // 5)
+
+
 def _loss_frame(progress: dict) -> pd.DataFrame | None:
     """Plot data, or None before the first point: Gradio's native plots given an empty frame and no fixed height
     grow without bound (a 33-million-pixel page), and a fixed height clips their legend."""
@@ -214,8 +230,13 @@ def _result_markdown(job) -> str:
         return status("ok", f"Registered **{job.registry_ref}** in the adapter registry.{loss}")
     if job.status == "done":
         return status("ok", f"Finished; the adapter is in `{job.run_dir / 'adapter'}`.{loss}")
+    if job.status == "cancelled" and job.registry_ref:
+        return status("ok", f"Cancelled at step {job.progress()['step']}; its saved adapter is registered as "
+                            f"**{job.registry_ref}**.")
     if job.status == "cancelled":
-        return status("warn", f"Cancelled: {job.error or ''} Run directory: `{job.run_dir}`.")
+        where = (f"the adapter of its last step is saved in `{job.run_dir / 'adapter'}` but not registered: "
+                 "register it or discard it" if _saved_adapter(job) else "no adapter was kept")
+        return status("warn", f"Cancelled at step {job.progress()['step']}; {where}.")
     if job.status == "failed":
         return status("error", f"Failed: {job.error}")
     return ""
@@ -308,7 +329,9 @@ def build(ctx) -> SimpleNamespace:
                                          elem_id="train-dataset", allow_custom_value=True)
                 ui.data_info = gr.Markdown(elem_id="train-data-info")
                 ui.preview = gr.Dataframe(chat_preview([]), label="Preview (normalised to chat messages)", wrap=True,
-                                          max_height=260, interactive=False, elem_id="train-preview")
+                                          max_height=360, interactive=False, elem_id="train-preview",
+                                          elem_classes=["studio-table"],
+                                          column_widths=["6%", "10%", "18%", "30%", "36%"])
             with gr.Column(scale=1):
                 gr.Markdown("### 2 · Base model and LoRA")
                 with gr.Row():
@@ -328,19 +351,21 @@ def build(ctx) -> SimpleNamespace:
                     with gr.Row():
                         ui.batch_size = gr.Number(4, label="Batch size", precision=0, minimum=1)
                         ui.seq_len = gr.Number(256, label="Sequence length", precision=0, minimum=16)
-                        ui.eval_steps = gr.Number(25, label="Held-out eval every N steps (0: end only)",
+                        ui.eval_steps = gr.Number(0, label="Held-out eval every N steps (0: auto, 5 points)",
                                                   precision=0, minimum=0)
                         ui.seed = gr.Number(42, label="Seed", precision=0)
                 ui.plan_summary = gr.Markdown(elem_id="train-plan-summary")
                 # no fixed height: Gradio clips the colour legend of a plot given one
-                ui.memory_plot = gr.BarPlot(x="setup", y="GiB", color="part", label="Estimated peak memory",
+                ui.memory_plot = gr.BarPlot(x="setup", y="GiB", color="part",
+                                            label="Estimated peak memory (without the fixed runtime overhead)",
                                             color_title="", sort=None, elem_id="train-memory-plot")
                 with gr.Accordion("LoRA plan", open=False):
                     ui.plan = gr.Code(label="What gets LoRA", language=None, elem_id="train-plan")
         gr.Markdown("### 3 · Run")
         with gr.Row():
             ui.start = gr.Button("Start training", variant="primary", elem_id="train-start", scale=3)
-            ui.cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel", scale=1)
+            # red and clickable only while the watched job runs (the monitor switches it)
+            ui.cancel = gr.Button("Cancel", variant="secondary", interactive=False, elem_id="train-cancel", scale=1)
         ui.start_status = gr.Markdown(elem_id="train-start-status")
         ui.new_job = gr.Textbox(visible=False)
         with gr.Row(equal_height=False):
@@ -352,8 +377,14 @@ def build(ctx) -> SimpleNamespace:
                 with gr.Row():
                     ui.new_ref = gr.Textbox(visible=False)
                     ui.to_compare = gr.Button("Compare with the base", visible=False, variant="primary",
-                                              elem_id="train-to-compare")
-                    ui.to_registry = gr.Button("Show in Registry", visible=False, elem_id="train-to-registry")
+                                              elem_id="train-to-compare", scale=2, min_width=280)
+                    ui.to_registry = gr.Button("Show in Registry", visible=False, elem_id="train-to-registry",
+                                               scale=1, min_width=150)
+                with gr.Row():  # a cancelled job's saved adapter: keep it as a version, or delete it
+                    ui.register_saved = gr.Button("Register the saved adapter", visible=False, size="sm",
+                                                  elem_id="train-register-saved")
+                    ui.discard_saved = gr.Button("Discard it", visible=False, size="sm", variant="stop",
+                                                 elem_id="train-discard-saved")
             with gr.Column(scale=4):
                 ui.loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", color_title="",
                                            elem_id="train-loss-plot")
@@ -362,13 +393,13 @@ def build(ctx) -> SimpleNamespace:
         ui.timer = gr.Timer(1.0, active=False)
         ui.remember = gr.BrowserState("", storage_key="studio-current-job")
 
-    with gr.Tab("Jobs", id="jobs"):
+    with gr.Tab("Jobs", id="jobs") as ui.jobs_tab:
         gr.Markdown("Every training job with its status; jobs and their logs are kept on disk and survive page "
                     "reloads and app restarts. Click a row to watch it in the Train tab.")
         with gr.Row():
             ui.jobs_refresh = gr.Button("Refresh", size="sm", elem_id="jobs-refresh", scale=0, min_width=100)
         ui.jobs_table = gr.Dataframe(functools.partial(list_jobs, ctx), interactive=False, wrap=True,
-                                     elem_id="jobs-table")  # a callable value is re-read on every page load
+                                     elem_id="jobs-table", elem_classes=["studio-table"])  # re-read on every page load
         ui.jobs_timer = gr.Timer(3.0)
     _wire(ctx, ui)
     return ui
@@ -399,15 +430,31 @@ def _wire(ctx, ui) -> None:
     start_inputs = [ui.source, ui.file, ui.name, ui.eval_ratio, ui.dataset, ui.base, ui.quant, ui.targets, ui.r,
                     ui.alpha, ui.lr, ui.steps, ui.batch_size, ui.seq_len, ui.eval_steps, ui.seed]
     # the new id goes through a hidden box, so a refused start marks only the status line, not the monitor
-    ui.start.click(c(start_training, ctx), start_inputs, [ui.new_job, ui.start_status], api_name="start_training",
-                   concurrency_limit=1).success(lambda j: j, ui.new_job, ui.job_id, api_visibility="private")
+    started = ui.start.click(c(start_training, ctx), start_inputs, [ui.new_job, ui.start_status],
+                             api_name="start_training", concurrency_limit=1)
+    started.success(lambda j: j, ui.new_job, ui.job_id, api_visibility="private")
+    started.success(c(_after_start, ctx), [ui.source, ui.new_job], [ui.data_info, ui.dataset],
+                    api_visibility="private", show_progress="hidden")
     ui.cancel.click(c(cancel_job, ctx), ui.job_id, ui.start_status, api_name="cancel_job")
     # the job id drives the monitor: remember it in the browser, poll while it runs
+    monitor_all = [*monitor_outputs, ui.timer, ui.to_compare, ui.to_registry, ui.start_status, ui.cancel,
+                   ui.register_saved, ui.discard_saved]
     ui.job_id.change(lambda j: j, ui.job_id, ui.remember, api_visibility="private") \
-        .then(c(_monitor, ctx), ui.job_id, [*monitor_outputs, ui.timer, ui.to_compare, ui.to_registry],
-              api_visibility="private", show_progress="hidden")
-    ui.timer.tick(c(_monitor, ctx), ui.job_id, [*monitor_outputs, ui.timer, ui.to_compare, ui.to_registry],
-                  api_visibility="private", show_progress="hidden")
+        .then(c(_monitor, ctx), ui.job_id, monitor_all, api_visibility="private", show_progress="hidden")
+    ui.timer.tick(c(_monitor, ctx), ui.job_id, monitor_all, api_visibility="private", show_progress="hidden")
+
+    @user_errors
+    def register_saved(job_id: str):
+        ctx.jobs.register_saved(job_id, ctx.adapters)
+        return _monitor(ctx, job_id)
+
+    @user_errors
+    def discard_saved(job_id: str):
+        ctx.jobs.discard_saved(job_id)
+        return _monitor(ctx, job_id)
+
+    ui.register_saved.click(register_saved, ui.job_id, monitor_all, api_visibility="private")
+    ui.discard_saved.click(discard_saved, ui.job_id, monitor_all, api_visibility="private")
 
     @user_errors
     def job_info(job_id: str) -> dict:
@@ -420,6 +467,19 @@ def _wire(ctx, ui) -> None:
 
     ui.jobs_refresh.click(c(list_jobs, ctx), None, ui.jobs_table, api_name="list_jobs")
     ui.jobs_timer.tick(c(list_jobs, ctx), None, ui.jobs_table, api_visibility="private", show_progress="hidden")
+    ui.jobs_tab.select(c(list_jobs, ctx), None, ui.jobs_table, api_visibility="private", show_progress="hidden")
+
+
+def _after_start(ctx, source: str, job_id: str):
+    """An uploaded file is registered when its job starts: show it as the registered version it now is (no stale
+    "not registered yet"), and offer it in the registered-dataset picker."""
+    ref = ctx.jobs.get(job_id).dataset
+    choices = dataset_choices(ctx)
+    if source != UPLOAD:
+        return gr.update(), gr.update(choices=choices)
+    info, _ = _dataset_inline(ctx, ref)
+    return status("ok", f"Registered as **{ref}** (listed in the Datasets tab).") + "\n\n" + info, \
+        gr.update(choices=choices, value=ref)
 
 
 def _plan_inline(ctx, *args):
@@ -432,15 +492,44 @@ def _plan_inline(ctx, *args):
 
 def _monitor(ctx, job_id: str):
     out = job_status(ctx, job_id)
-    active = False
+    job = None
     if job_id:
         try:
-            active = ctx.jobs.get(job_id).active
+            job = ctx.jobs.get(job_id)
         except Exception:
-            active = False
+            job = None
+    active = bool(job and job.active)
     ref = out[-1]
     return (*out, gr.Timer(active=active), gr.update(visible=bool(ref), value=f"Compare {ref} with the base"),
-            gr.update(visible=bool(ref)))
+            gr.update(visible=bool(ref)), run_status(job),
+            gr.update(variant="stop" if active else "secondary", interactive=active),
+            *[gr.update(visible=bool(job and job.status == "cancelled" and not job.registry_ref
+                                     and _saved_adapter(job)))] * 2)
+
+
+def _saved_adapter(job) -> bool:
+    return (job.run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def run_status(job) -> str:
+    """The line under Start / Cancel, kept true as the job moves: started, cancelling, then how it ended."""
+    if job is None:
+        return ""
+    p = job.progress()
+    if job.status == "queued":
+        return status("busy", f"Job `{job.id}` is queued: it starts when a worker slot is free.")
+    if job.status == "running":
+        return status("busy", f"Job `{job.id}` is running: training {job.config.get('base')} "
+                              f"({job.config.get('quant')}) on **{job.dataset}**.")
+    if job.status == "cancelling":
+        return status("busy", f"Cancelling `{job.id}`: it stops after the current step and saves a checkpoint. "
+                              "Press Cancel again to terminate it at once.")
+    if job.status == "done":
+        return status("ok", f"Job `{job.id}` finished" + (f": registered **{job.registry_ref}**." if job.registry_ref
+                                                          else "."))
+    if job.status == "cancelled":
+        return status("warn", f"Job `{job.id}` was cancelled at step {p['step']}.")
+    return status("error", f"Job `{job.id}` failed: see the result below and the worker log.")
 
 
 def on_load(ctx, remembered: str):
