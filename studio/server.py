@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "STUDIO_API_KEY"
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_COMPLETION_LOGPROBS = 5   # OpenAI's legacy completions limit for `logprobs`
+MAX_CHAT_TOP_LOGPROBS = 20    # OpenAI's chat limit for `top_logprobs`
 
 
 # --------------------------------------------------------------------------- errors
@@ -77,14 +79,23 @@ def _request_models():
         stream_options: StreamOptions | None = None
         stop: str | list[str] | None = None
         seed: int | None = None
+        # OpenAI's ranges; logit_bias keys are token ids as strings (JSON object keys), values in [-100, 100]
+        logit_bias: dict[str, float] | None = None
+        presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+        frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
         max_completion_tokens: int | None = Field(default=None, ge=1)
+        logprobs: bool = False
+        top_logprobs: int | None = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
 
     class CompletionRequest(Common):
-        prompt: str | list[str]
+        # one text, a batch of texts, one token-id list, or a batch of token-id lists (what harnesses send)
+        prompt: str | list[str] | list[int] | list[list[int]]
         echo: bool = False
+        logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+        max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt only
 
     return ChatRequest, CompletionRequest
 
@@ -204,15 +215,17 @@ class Server:
 
     # ---- handlers ----
 
-    def _params(self, req, max_tokens: int | None):
+    def _params(self, req, max_tokens: int, logprobs: int | None = None, echo: bool = False):
         from studio.engine import SamplingParams
 
         if req.n != 1:
             raise APIError(400, f"n={req.n} is not supported: this server returns one choice per prompt (n=1)",
                            param="n")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
-        return SamplingParams(max_tokens=max_tokens or 64, temperature=req.temperature, top_p=req.top_p,
-                              top_k=req.top_k, seed=req.seed, stop=stop)
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k, seed=req.seed, stop=stop, logprobs=logprobs, prompt_logprobs=echo,
+                              logit_bias=_logit_bias(req.logit_bias), presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty)
 
     def _check_auth(self, request) -> None:
         if not self.api_key:
@@ -286,7 +299,10 @@ class Server:
             server._check_auth(request)
             adapter = server.resolve_model(body.model)
             request.state.model = body.model
-            params = server._params(body, body.max_completion_tokens or body.max_tokens)
+            if body.top_logprobs is not None and not body.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+            params = server._params(body, body.max_completion_tokens or body.max_tokens or 64,
+                                    logprobs=(body.top_logprobs or 0) if body.logprobs else None)
             messages = [{"role": m.role, "content": m.content} for m in body.messages]
             if body.stream:
                 return server._stream("chat", body, messages, adapter, params)
@@ -294,7 +310,8 @@ class Server:
             return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                     "model": body.model, "system_fingerprint": server._fingerprint(c.adapter),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                                 "finish_reason": c.finish_reason, "logprobs": None}],
+                                 "finish_reason": c.finish_reason,
+                                 "logprobs": server._chat_logprobs(c.logprobs) if body.logprobs else None}],
                     "usage": _usage([c])}
 
         @app.post("/v1/completions")
@@ -302,27 +319,79 @@ class Server:
             server._check_auth(request)
             adapter = server.resolve_model(body.model)
             request.state.model = body.model
-            params = server._params(body, body.max_tokens or 16)
-            prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+            max_tokens = 16 if body.max_tokens is None else body.max_tokens
+            if max_tokens == 0 and not body.echo:
+                raise APIError(400, "max_tokens=0 generates nothing; it is only useful with echo=true (to score the "
+                                    "prompt): set echo=true or max_tokens >= 1", param="max_tokens")
+            params = server._params(body, max_tokens, logprobs=body.logprobs, echo=body.echo and
+                                    body.logprobs is not None)
+            prompt = body.prompt
+            # one prompt (text or token ids) or a batch of them
+            prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
             if len(prompts) > MAX_PROMPTS:
                 raise APIError(400, f"{len(prompts)} prompts in one request; at most {MAX_PROMPTS}: split them "
                                     "over several requests", param="prompt")
             if not prompts or not all(prompts):
-                raise APIError(400, "prompt must be a non-empty string or a non-empty list of non-empty strings",
-                               param="prompt")
+                raise APIError(400, "prompt must be a non-empty string, a non-empty list of token ids, or a "
+                                    "non-empty list of those", param="prompt")
             if body.stream:
                 if len(prompts) != 1:
                     raise APIError(400, "stream=true takes a single prompt; send one request per prompt",
                                    param="prompt")
+                if body.echo:
+                    raise APIError(400, "echo=true is not supported with stream=true; send stream=false",
+                                   param="echo")
                 return server._stream("text", body, prompts[0], adapter, params)
             results = server._run("text", prompts, adapter, params)
+            choices = []
+            for i, (p, c) in enumerate(zip(prompts, results)):
+                echoed = (p if isinstance(p, str) else server._decode(p)) if body.echo else ""
+                choices.append({"index": i, "text": echoed + c.text, "finish_reason": c.finish_reason,
+                                "logprobs": None if body.logprobs is None else
+                                server._completion_logprobs(c, body.echo, 0 if body.echo else len(echoed))})
             return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                     "model": body.model, "system_fingerprint": server._fingerprint(results[0].adapter),
-                    "choices": [{"index": i, "text": (p if body.echo else "") + c.text, "finish_reason":
-                                 c.finish_reason, "logprobs": None} for i, (p, c) in enumerate(zip(prompts, results))],
-                    "usage": _usage(results)}
+                    "choices": choices, "usage": _usage(results)}
 
         return app
+
+    # ---- logprobs in OpenAI's two formats ----
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _completion_logprobs(self, c, echo: bool, offset: int) -> dict:
+        """OpenAI's legacy format: tokens, token_logprobs, top_logprobs ({token: logprob}, the chosen token
+        included, so up to logprobs + 1 entries) and text_offset; with echo the prompt's tokens come first, the
+        first of them with None (nothing predicts it)."""
+        entries = list(c.prompt_logprobs or []) if echo else []
+        ids = list(c.prompt_token_ids) if echo else []
+        entries += c.logprobs or []
+        ids += [e.token for e in c.logprobs or []]
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for tid, entry in zip(ids, entries):
+            piece = self._decode([tid])
+            tokens.append(piece)
+            offsets.append(offset)
+            offset += len(piece)
+            if entry is None:
+                token_lps.append(None)
+                tops.append(None)
+                continue
+            token_lps.append(entry.logprob)
+            top = {self._decode([t]): lp for t, lp in entry.top}
+            top.setdefault(piece, entry.logprob)
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def _chat_logprobs(self, entries) -> dict:
+        """OpenAI's chat format: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+        def item(tid, lp):
+            piece = self._decode([tid])
+            return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+
+        return {"content": [dict(item(e.token, e.logprob), top_logprobs=[item(t, lp) for t, lp in e.top])
+                            for e in entries or []], "refusal": None}
 
     def _fingerprint(self, adapter: str | None) -> str:
         return f"{self.engine.base_id}+{adapter}" if adapter else self.engine.base_id
@@ -366,16 +435,28 @@ class Server:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         fingerprint = self._fingerprint(adapter)
 
-        def chunk(delta_text=None, finish=None, role=False, usage=None):
+        offset = [0]  # text_offset of the next streamed token (legacy completions)
+
+        def logprobs_of(entries):
+            if params.logprobs is None or entries is None:
+                return None
+            if kind == "chat":
+                return self._chat_logprobs(entries)
+            out = self._completion_logprobs(_Tokens(entries), False, offset[0])
+            offset[0] += sum(len(t) for t in out["tokens"])
+            return out
+
+        def chunk(delta_text=None, finish=None, role=False, usage=None, entries=None):
             if kind == "chat":
                 delta = {}
                 if role:
                     delta["role"] = "assistant"
                 if delta_text:
                     delta["content"] = delta_text
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs_of(entries)}
             else:
-                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish,
+                          "logprobs": logprobs_of(entries)}
             data = {"id": cid, "object": obj, "created": created, "model": body.model,
                     "system_fingerprint": fingerprint, "choices": [choice] if usage is None else []}
             if usage is not None:
@@ -390,14 +471,14 @@ class Server:
                     yield chunk(role=True)
                 for part in parts:
                     if part.completion is not None:
-                        if part.text:
-                            yield chunk(part.text)
+                        if part.text or part.logprobs:
+                            yield chunk(part.text, entries=part.logprobs)
                         yield chunk(finish=part.finish_reason)
                         self._observe(kind, [part.completion], t0)
                         if include_usage:
                             yield chunk(usage=_usage([part.completion]))
                     elif part.text:
-                        yield chunk(part.text)
+                        yield chunk(part.text, entries=part.logprobs)
             except StudioError as exc:
                 yield f"data: {json.dumps(APIError(500, str(exc), type_='server_error').body())}\n\n"
             finally:
@@ -415,6 +496,28 @@ def _epoch(stamp: str, default: int) -> int:
         return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
     except (ValueError, AttributeError):
         return default
+
+
+class _Tokens:
+    """A streamed chunk's logprob entries shaped like a Completion for _completion_logprobs."""
+
+    def __init__(self, entries):
+        self.logprobs, self.prompt_logprobs, self.prompt_token_ids = entries, None, []
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} (JSON keys are strings) -> {id: bias}; ranges are checked by the engine."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}: map token ids (as strings) to "
+                                "a bias between -100 and 100", param="logit_bias") from None
+        out[token] = value
+    return out
 
 
 def _usage(results) -> dict:
