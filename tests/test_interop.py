@@ -267,3 +267,43 @@ def test_parameter_combinations_that_make_no_sense_get_a_400(served):
         path = "chat/completions" if "messages" in body else "completions"
         r = httpx.post(f"{url}/v1/{path}", json={"model": "law", **body}, timeout=30)
         assert r.status_code == 400 and what in r.json()["error"]["message"], r.text
+
+
+# --------------------------------------------------------------------------- lm-evaluation-harness
+
+
+def test_lm_eval_harness_runs_generate_until_and_multiple_choice_against_studio_serve(served, monkeypatch):
+    """lm-eval's `local-completions` model (token-id prompts, echo + logprobs for loglikelihood) on two tiny local
+    tasks; its per-choice log-likelihoods and accuracy equal the eval module's scoring of the same items, and its
+    generations equal the engine's greedy completions. Slow-ish (~20 s): lm-eval builds its task datasets."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    engine = served["engine"]
+    monkeypatch.chdir(ASSETS)  # the task YAMLs name their jsonl files relative to this directory
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={"model": "law", "base_url": f"{served['url']}/v1/completions", "tokenizer_backend": "huggingface",
+                    "tokenizer": engine.base.path, "num_concurrent": 1, "max_retries": 1, "tokenized_requests": True},
+        tasks=["studio_tiny_mc", "studio_tiny_gen"], task_manager=TaskManager(include_path=str(ASSETS)),
+        log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+
+    samples = results["samples"]["studio_tiny_mc"]
+    assert len(samples) == 6
+    correct = 0
+    for sample in samples:
+        ours = [_studio_loglikelihood(engine, "law@v1", ctx, cont) for ctx, cont in
+                (a[:2] for a in sample["arguments"])]
+        theirs = [float(r[0][0]) for r in sample["resps"]]
+        assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4, (ours, theirs)
+        correct += int(max(range(len(ours)), key=ours.__getitem__) == sample["target"])
+    assert results["results"]["studio_tiny_mc"]["acc,none"] == pytest.approx(correct / len(samples))
+
+    gen = results["samples"]["studio_tiny_gen"]
+    assert len(gen) == 4
+    for sample in gen:
+        prompt = sample["arguments"][0][0]
+        direct = engine.generate([prompt], adapters="law@v1", params=SamplingParams(max_tokens=8, stop=["\n"]))[0]
+        assert sample["resps"][0][0] == direct.text
+    assert "exact_match,none" in results["results"]["studio_tiny_gen"]
