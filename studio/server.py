@@ -3,6 +3,9 @@
     GET  /v1/models              the base and the served adapter references
     POST /v1/chat/completions    `model` = the base id or a registry reference (law, law@v3, law@prod); stream=true
     POST /v1/completions         the same for raw text prompts (a list of prompts is one batch)
+    POST /v1/load_lora_adapter   vLLM's dynamic LoRA: {"lora_name", "lora_path"}: a PEFT directory under
+                                 --allowed-lora-roots (registered as domain `lora_name`) or a registry reference
+    POST /v1/unload_lora_adapter {"lora_name"}: evict it and stop serving the name
     GET  /health                 liveness + what is loaded
     GET  /metrics                Prometheus text: requests, tokens, latency, adapter loads/switches, resident
 
@@ -21,6 +24,7 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from typing import Literal
 
 from studio.errors import ModelError, RegistryError, RequestError, StudioError
@@ -97,7 +101,16 @@ def _request_models():
         logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
         max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt only
 
-    return ChatRequest, CompletionRequest
+    class LoadLora(BaseModel):
+        model_config = ConfigDict(extra="allow")  # vLLM's load_inplace, lora_int_id, ... are accepted and ignored
+        lora_name: str = Field(min_length=1)
+        lora_path: str = Field(min_length=1)
+
+    class UnloadLora(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        lora_name: str = Field(min_length=1)
+
+    return ChatRequest, CompletionRequest, LoadLora, UnloadLora
 
 
 # --------------------------------------------------------------------------- metrics
@@ -157,14 +170,21 @@ class Server:
     """The FastAPI app around an Engine. `adapters`: the references advertised in /v1/models and preloaded;
     requests may name any version or alias of a served domain (all domains when `adapters` is None)."""
 
-    def __init__(self, engine, adapters: list[str] | None = None, api_key: str | None = None):
+    def __init__(self, engine, adapters: list[str] | None = None, api_key: str | None = None,
+                 allowed_lora_roots: list[str] | None = None):
+        from pathlib import Path
+
         self.engine = engine
         self.adapters = list(adapters or [])
         self.domains = {a.split("@", 1)[0] for a in self.adapters} if adapters else None
         self.api_key = api_key
+        # directories /v1/load_lora_adapter may read adapters from (none: registry references only)
+        self.allowed_lora_roots = [Path(r).expanduser().resolve() for r in allowed_lora_roots or []]
+        self.lora_names: dict[str, str] = {}  # names loaded through /v1/load_lora_adapter -> canonical reference
+        self._lora_lock = threading.Lock()
         self.metrics = Metrics(engine)
         self.created = int(time.time())
-        self.ChatRequest, self.CompletionRequest = _request_models()
+        self.ChatRequest, self.CompletionRequest, self.LoadLora, self.UnloadLora = _request_models()
         self.app = self._build()
 
     # ---- model names ----
@@ -175,6 +195,8 @@ class Server:
             raise APIError(400, "`model` is required: the base id or an adapter reference", param="model")
         if name in ("base", self.engine.base_id):
             return None
+        if name in self.lora_names:
+            return self.lora_names[name]
         domain = name.split("@", 1)[0]
         if self.domains is not None and domain not in self.domains:
             raise APIError(404, f"The model `{name}` does not exist: this server serves {self._served_text()}",
@@ -201,6 +223,10 @@ class Server:
             for domain in self.engine.registry.domains():
                 refs.append(domain)
                 refs.extend(f"{domain}@{alias}" for alias in self.engine.registry.aliases(domain))
+        for name, ref in list(self.lora_names.items()):
+            out.append({"id": name, "object": "model", "created": self.created, "owned_by": "studio",
+                        "kind": "adapter", "resolves_to": ref, "parent": self.engine.base_id,
+                        "resident": ref in self.engine.resident()})
         for ref in refs:
             try:
                 version = self.engine.resolve(ref)
@@ -227,6 +253,85 @@ class Server:
                               logit_bias=_logit_bias(req.logit_bias), presence_penalty=req.presence_penalty,
                               frequency_penalty=req.frequency_penalty)
 
+    # ---- vLLM-style dynamic adapters ----
+
+    def load_lora(self, name: str, source: str) -> str:
+        """Serve `name` as a registry reference, or as a PEFT directory under the allowed roots (registered first
+        as the next version of domain `name`); returns the canonical reference loaded."""
+        from pathlib import Path
+
+        from studio.registry.refs import check_domain
+
+        if name in ("base", self.engine.base_id) or (self.domains is not None and name in self.adapters):
+            raise APIError(400, f"`{name}` already names a served model; choose another lora_name", param="lora_name")
+        with self._lora_lock:
+            if name in self.lora_names:
+                raise APIError(400, f"The lora adapter '{name}' has already been loaded; unload it first",
+                               param="lora_name", code="lora_already_loaded")
+        is_path = "/" in source or "\\" in source or source.startswith((".", "~"))
+        try:
+            if is_path:
+                directory = self._allowed_dir(source)
+                try:
+                    check_domain(name)
+                except RegistryError as exc:
+                    raise APIError(400, f"lora_name becomes the registry domain of the adapter: {exc}",
+                                   param="lora_name") from None
+                with warnings.catch_warnings():  # a bare PEFT directory has no studio metadata: that is fine
+                    warnings.simplefilter("ignore")
+                    version = self.engine.registry.register(directory, domain=name, notes=f"load_lora_adapter {name}")
+                ref = version.ref
+            else:
+                ref = source
+            loaded = self.engine.load(ref)
+        except APIError:
+            raise
+        except (ModelError, RegistryError) as exc:
+            raise APIError(400, f"cannot load lora_path {source!r}: {exc}", param="lora_path") from exc
+        except StudioError as exc:
+            raise APIError(500, str(exc), type_="server_error") from exc
+        if loaded is None:
+            raise APIError(400, f"lora_path {source!r} names the base, not an adapter", param="lora_path")
+        with self._lora_lock:
+            self.lora_names[name] = loaded
+        logger.info("load_lora_adapter: %s -> %s", name, loaded)
+        return loaded
+
+    def _allowed_dir(self, source: str):
+        from pathlib import Path
+
+        if not self.allowed_lora_roots:
+            raise APIError(403, "loading adapters from a path is disabled on this server: start it with "
+                                "--allowed-lora-roots DIR, or pass a registry reference (law@v3) as lora_path",
+                           type_="permission_error", param="lora_path")
+        directory = Path(source).expanduser()
+        if not directory.is_absolute():
+            raise APIError(400, f"lora_path {source!r} must be an absolute path", param="lora_path")
+        directory = directory.resolve()
+        # every file must resolve inside an allowed root too: a symlink may not smuggle other files in
+        for p in [directory, *(directory.rglob("*") if directory.is_dir() else [])]:
+            real = p.resolve()
+            if not any(real == root or real.is_relative_to(root) for root in self.allowed_lora_roots):
+                raise APIError(403, f"lora_path {source!r} is outside the allowed roots "
+                                    f"({', '.join(map(str, self.allowed_lora_roots))})",
+                               type_="permission_error", param="lora_path")
+        if not directory.is_dir():
+            raise APIError(400, f"lora_path {source!r} is not a directory with adapter_config.json", param="lora_path")
+        return directory
+
+    def unload_lora(self, name: str) -> str:
+        with self._lora_lock:
+            ref = self.lora_names.get(name)
+            if ref is None:
+                raise APIError(404, f"The lora adapter '{name}' cannot be found: only adapters loaded with "
+                                    "/v1/load_lora_adapter can be unloaded", param="lora_name", code="lora_not_found")
+            try:
+                self.engine.unload(ref)
+            except StudioError as exc:  # in use by a request in flight
+                raise APIError(409, str(exc), code="lora_in_use") from exc
+            del self.lora_names[name]
+        return ref
+
     def _check_auth(self, request) -> None:
         if not self.api_key:
             return
@@ -243,6 +348,7 @@ class Server:
         app = FastAPI(title="MoE LoRA Studio", version="1")
         server = self
         ChatRequest, CompletionRequest = self.ChatRequest, self.CompletionRequest
+        LoadLora, UnloadLora = self.LoadLora, self.UnloadLora
 
         @app.exception_handler(APIError)
         async def _api_error(request: Request, exc: APIError):
@@ -293,6 +399,25 @@ class Server:
                     return m
             server.resolve_model(model_id)  # 404 with the reason, or a valid reference not advertised
             return {"id": model_id, "object": "model", "created": server.created, "owned_by": "studio"}
+
+        @app.post("/v1/load_lora_adapter")
+        def load_lora_adapter(body: LoadLora, request: Request):
+            # vLLM answers these two with plain text; tools written for it read the status code
+            from fastapi.responses import PlainTextResponse
+
+            server._check_auth(request)
+            request.state.model = body.lora_name
+            ref = server.load_lora(body.lora_name, body.lora_path)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully ({ref}).")
+
+        @app.post("/v1/unload_lora_adapter")
+        def unload_lora_adapter(body: UnloadLora, request: Request):
+            from fastapi.responses import PlainTextResponse
+
+            server._check_auth(request)
+            request.state.model = body.lora_name
+            server.unload_lora(body.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
         @app.post("/v1/chat/completions")
         def chat(body: ChatRequest, request: Request):
@@ -526,8 +651,9 @@ def _usage(results) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def create_app(engine, adapters: list[str] | None = None, api_key: str | None = None):
-    return Server(engine, adapters, api_key).app
+def create_app(engine, adapters: list[str] | None = None, api_key: str | None = None,
+               allowed_lora_roots: list[str] | None = None):
+    return Server(engine, adapters, api_key, allowed_lora_roots).app
 
 
 class BackgroundServer:
@@ -588,6 +714,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); on small CPU machines 1 is often fastest for "
                         "decoding (see BENCHMARKS.md)")
+    p.add_argument("--allowed-lora-roots", default="",
+                   help="comma-separated directories POST /v1/load_lora_adapter may load PEFT adapters from "
+                        "(empty: registry references only)")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="serve adapters whose recorded base fingerprint differs from the loaded base")
     p.set_defaults(func=_serve)
@@ -615,7 +744,8 @@ def _serve(args) -> int:
     for ref in adapters:  # fail fast on a typo, and warm the cache
         loaded = engine.load(ref)
         print(f"serving {ref} -> {loaded}", flush=True)
-    server = Server(engine, adapters, api_key)
+    roots = [r.strip() for r in args.allowed_lora_roots.split(",") if r.strip()]
+    server = Server(engine, adapters, api_key, roots)
     print(f"studio serve: base {engine.base_id} on http://{args.host}:{args.port}/v1 "
           f"(models: {server._served_text()})", flush=True)
     try:

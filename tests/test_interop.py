@@ -307,3 +307,70 @@ def test_lm_eval_harness_runs_generate_until_and_multiple_choice_against_studio_
         direct = engine.generate([prompt], adapters="law@v1", params=SamplingParams(max_tokens=8, stop=["\n"]))[0]
         assert sample["resps"][0][0] == direct.text
     assert "exact_match,none" in results["results"]["studio_tiny_gen"]
+
+
+# --------------------------------------------------------------------------- vLLM-style dynamic adapters
+
+
+def test_load_and_unload_lora_adapter_endpoints(served, tmp_path):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, with httpx: behind the API key, paths only under
+    the allowed roots (symlinks included), registry references, and the name served until unloaded."""
+    import shutil
+
+    engine, registry = served["engine"], served["registry"]
+    allowed = tmp_path / "allowed"
+    shutil.copytree(registry.path("medicine@v1"), allowed / "med-copy")
+    outside = tmp_path / "outside"
+    shutil.copytree(registry.path("law@v1"), outside / "law-copy")
+    (allowed / "sneaky").mkdir()
+    for f in (outside / "law-copy").iterdir():
+        (allowed / "sneaky" / f.name).symlink_to(f)
+
+    server = Server(engine, ["law"], api_key="k3y", allowed_lora_roots=[str(allowed)])
+    with BackgroundServer(server.app) as bg:
+        key = {"Authorization": "Bearer k3y"}
+
+        def post(path, body, headers=key):
+            return httpx.post(f"{bg.url}/v1/{path}", json=body, headers=headers, timeout=60)
+
+        body = {"lora_name": "med", "lora_path": str(allowed / "med-copy")}
+        assert post("load_lora_adapter", body, headers={}).status_code == 401
+        assert post("load_lora_adapter", body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert post("unload_lora_adapter", {"lora_name": "med"}, headers={}).status_code == 401
+        for bad_path in (str(outside / "law-copy"), str(allowed / ".." / "outside" / "law-copy"),
+                         str(allowed / "sneaky")):
+            r = post("load_lora_adapter", {"lora_name": "evil", "lora_path": bad_path})
+            assert r.status_code == 403 and "outside the allowed roots" in r.json()["error"]["message"], r.text
+        assert "evil" not in registry.domains()
+
+        r = post("load_lora_adapter", body)
+        assert r.status_code == 200 and r.text.startswith("Success"), r.text
+        assert post("load_lora_adapter", body).status_code == 400  # already loaded
+        version = registry.resolve("med")
+        assert version.ref in engine.resident() and version.files == registry.resolve("medicine@v1").files
+        ids = [m["id"] for m in httpx.get(f"{bg.url}/v1/models", headers=key).json()["data"]]
+        assert "med" in ids
+        client = openai.OpenAI(base_url=f"{bg.url}/v1", api_key="k3y", max_retries=0)
+        got = client.completions.create(model="med", prompt="A patient", max_tokens=5, temperature=0)
+        want = engine.generate(["A patient"], adapters="medicine@v1", params=SamplingParams(max_tokens=5))[0]
+        assert got.choices[0].text == want.text and got.system_fingerprint == f"tiny-moe+{version.ref}"
+
+        # a registry reference: no path involved, so no root needed
+        r = post("load_lora_adapter", {"lora_name": "law-old", "lora_path": "law@v1"})
+        assert r.status_code == 200, r.text
+        assert client.completions.create(model="law-old", prompt="x", max_tokens=1).system_fingerprint.endswith(
+            "law@v1")
+        r = post("load_lora_adapter", {"lora_name": "nope", "lora_path": "no-such-domain@v9"})
+        assert r.status_code == 400 and "no-such-domain" in r.json()["error"]["message"]
+
+        assert post("unload_lora_adapter", {"lora_name": "med"}).text.startswith("Success")
+        assert version.ref not in engine.resident()
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="med", prompt="A patient", max_tokens=2)
+        assert post("unload_lora_adapter", {"lora_name": "med"}).status_code == 404
+        assert post("unload_lora_adapter", {"lora_name": "law-old"}).status_code == 200
+
+    # with no allowed roots, paths are refused and the error names the flag
+    with BackgroundServer(Server(engine, ["law"]).app) as bg:
+        r = httpx.post(f"{bg.url}/v1/load_lora_adapter", json=body, timeout=30)
+        assert r.status_code == 403 and "--allowed-lora-roots" in r.json()["error"]["message"]
