@@ -233,7 +233,8 @@ def _write_merged(files: AdapterFiles, adapter_dir: Path, tmp: Path, base: str |
         notes.append(f"the adapter was trained on a {quant} quantized base; the merged checkpoint adds its deltas to "
                      "the full-precision base weights (a dequantized base), so its outputs differ from the "
                      f"{quant} base + adapter by the quantization error")
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    # loaded in the output dtype (half the memory of fp32 for bf16); each delta is added in fp32, then rounded once
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=DTYPES[dtype])
     if getattr(model.config, "quantization_config", None) is not None:
         notes.append("the base checkpoint is quantized: it is dequantized before merging")
         model.dequantize()
@@ -243,7 +244,7 @@ def _write_merged(files: AdapterFiles, adapter_dir: Path, tmp: Path, base: str |
             delta = files.scaling * (b.float() @ a.float())
             if tuple(delta.shape) != tuple(weight.shape):
                 raise ModelError(f"LoRA on {path} has shape {tuple(delta.shape)}; the base has {tuple(weight.shape)}")
-            weight += delta.to(weight.dtype)
+            weight.copy_((weight.float() + delta).to(weight.dtype))
         for (path, param), (a, b) in files.experts.items():
             module = model.get_submodule(path)
             weight = getattr(module, param)
@@ -253,10 +254,9 @@ def _write_merged(files: AdapterFiles, adapter_dir: Path, tmp: Path, base: str |
             if tuple(delta.shape) != tuple(weight.shape):
                 raise ModelError(f"expert LoRA on {path}.{param} has shape {tuple(delta.shape)}; the base has "
                                  f"{tuple(weight.shape)}")
-            weight += delta.to(weight.dtype)
+            weight.copy_((weight.float() + delta).to(weight.dtype))
         for key, value in files.replaced.items():  # retrained routers replace the base's
             model.get_parameter(key).copy_(value)
-    model.to(DTYPES[dtype])
     model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="2GB")
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(tmp))
     return notes
