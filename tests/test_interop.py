@@ -125,6 +125,11 @@ def test_generated_token_logprobs_and_chat_format(served):
     # greedy: the chosen token is the most likely one
     assert all(abs(max(top.values()) - got) < 1e-6 for top, got in zip(lp.top_logprobs, lp.token_logprobs))
     assert lp.text_offset[0] == 0 and "".join(lp.tokens).startswith(r.choices[0].text)
+    chunks = list(client.completions.create(model="medicine", prompt="A patient", max_tokens=6, temperature=0,
+                                            logprobs=2, stream=True))
+    streamed = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    offsets = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.text_offset]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6) and offsets == lp.text_offset
 
     chat = client.chat.completions.create(model="law", messages=[{"role": "user", "content": "Define tort."}],
                                           max_tokens=5, temperature=0, logprobs=True, top_logprobs=4)
@@ -176,6 +181,23 @@ def test_mixed_adapter_batches_keep_each_rows_logprobs_bias_and_penalties(served
         for x, y in zip(m.prompt_logprobs[1:] + m.logprobs, alone.prompt_logprobs[1:] + alone.logprobs):
             assert x.token == y.token and abs(x.logprob - y.logprob) < 1e-4
             assert [t for t, _ in x.top] == [t for t, _ in y.top]
+
+
+def test_scoring_rows_and_generating_rows_share_a_prefill(served):
+    """A max_tokens=0 scoring row leaves the batch right after the prefill it shares with generating rows (its
+    cache row dropped); the others decode on unchanged. Both requests are queued together so they share it."""
+    engine = served["engine"]
+    score = SamplingParams(max_tokens=0, logprobs=1, prompt_logprobs=True)
+    gen = SamplingParams(max_tokens=6)
+    requests = (engine._prepare(["The court held that"], ["law@v1"], score)
+                + engine._prepare(["A patient"], ["medicine@v1"], gen))
+    engine._submit(requests)
+    scored, generated = [engine._drain(r) for r in requests]
+    assert scored.completion_tokens == 0 and scored.text == "" and scored.finish_reason == "length"
+    alone = engine.generate(["The court held that"], adapters="law@v1", params=score)[0]
+    assert [e.logprob for e in scored.prompt_logprobs[1:]] == pytest.approx(
+        [e.logprob for e in alone.prompt_logprobs[1:]], abs=1e-4)
+    assert generated.token_ids == engine.generate(["A patient"], adapters="medicine@v1", params=gen)[0].token_ids
 
 
 # --------------------------------------------------------------------------- logit_bias and penalties
