@@ -4,6 +4,7 @@
     engine.generate(["Define tort."], adapters="law@prod")         # registry reference, resolved per request
     engine.generate([chat_a, chat_b, chat_c], adapters=["law@v3", "medicine@prod", None])   # one mixed batch
     for chunk in engine.stream(chat, adapter="law@prod"): print(chunk.text, end="")
+    engine.generate([token_ids], params=SamplingParams(max_tokens=0, prompt_logprobs=True, logprobs=1))  # scoring
 
 Adapters are loaded from the registry on first use and kept resident, least recently used evicted first
 (`max_resident`); an adapter in use by a request in flight is never evicted. A registry alias (`law@prod`) is

@@ -1,4 +1,5 @@
-"""Deployable artifacts from a registered adapter: `studio export law@prod --format peft|per-expert|merged --output DIR`.
+"""Deployable artifacts from a registered adapter:
+`studio export law@prod --format peft|per-expert|merged --output DIR`.
 
     peft        the registry's PEFT files (fused 3D expert LoRA, as PEFT's `target_parameters` saves it) + a README
                 model card. Loads with `peft.PeftModel.from_pretrained`; vLLM loads this layout for its 3D-MoE

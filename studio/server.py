@@ -258,8 +258,6 @@ class Server:
     def load_lora(self, name: str, source: str) -> str:
         """Serve `name` as a registry reference, or as a PEFT directory under the allowed roots (registered first
         as the next version of domain `name`); returns the canonical reference loaded."""
-        from pathlib import Path
-
         from studio.registry.refs import check_domain
 
         if name in ("base", self.engine.base_id) or (self.domains is not None and name in self.adapters):
@@ -473,7 +471,7 @@ class Server:
                 echoed = (p if isinstance(p, str) else server._decode(p)) if body.echo else ""
                 choices.append({"index": i, "text": echoed + c.text, "finish_reason": c.finish_reason,
                                 "logprobs": None if body.logprobs is None else
-                                server._completion_logprobs(c, body.echo, 0 if body.echo else len(echoed))})
+                                server._completion_logprobs(c, body.echo, 0)})
             return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                     "model": body.model, "system_fingerprint": server._fingerprint(results[0].adapter),
                     "choices": choices, "usage": _usage(results)}

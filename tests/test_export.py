@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -148,7 +147,8 @@ def test_merged_checkpoints_load_without_studio_or_peft_and_match_adapter_on_bas
     """)
     result = tmp_path / "logits.safetensors"
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(dirs), str(result)], capture_output=True,
-                          text=True, timeout=600, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+                          text=True, timeout=600, cwd=tmp_path,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = load_file(str(result))
     for name, fam in exported["families"].items():
@@ -189,7 +189,8 @@ def test_peft_export_model_card_manifest_atomic_and_cli(exported, tmp_path, caps
     assert code == 0 and "exported fam-qwen3-moe@v1 as peft" in capsys.readouterr().out
     d = tmp_path / "peft"
     card = (d / "README.md").read_text()
-    for needed in ("tiny-qwen3-moe", "eval_loss: 1.25", "rank 4, alpha 8", "routed_experts", "PeftModel.from_pretrained"):
+    for needed in ("tiny-qwen3-moe", "eval_loss: 1.25", "rank 4, alpha 8", "routed_experts",
+                   "PeftModel.from_pretrained"):
         assert needed in card, needed
     # the registry's files, byte for byte, and a manifest with every file's sha256
     version = registry.resolve(ref)

@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 
-from serving_fixtures import build_registry, make_real_adapter
+from serving_fixtures import build_registry
 from studio.engine import Engine, SamplingParams
 from studio.server import BackgroundServer, Server
 
