@@ -389,12 +389,15 @@ def verify_export(path: str | os.PathLike) -> list[str]:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a registered adapter as PEFT files, per-expert LoRA or a merged "
-                                             "checkpoint", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                             "checkpoint", description="\n\n".join(__doc__.split("\n\n")[:3]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ref", help="registry reference: law, law@v3, law@prod")
-    p.add_argument("--format", required=True, choices=FORMATS, help="what to write (see `studio export --help`)")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="peft: registry files + model card; per-expert: 2D expert LoRA for vLLM; merged: a "
+                        "transformers checkpoint")
     p.add_argument("--output", required=True, help="directory to create (written elsewhere and renamed last)")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="merged: weight dtype of the checkpoint")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                   help="merged: weight dtype of the checkpoint (default fp32)")
     p.add_argument("--base", default=None, help="merged / per-expert: the base (default: the one the adapter "
                                                 "records)")
     p.add_argument("--allow-base-mismatch", action="store_true",
