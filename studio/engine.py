@@ -161,6 +161,8 @@ class _Request:
     logprobs: list[TokenLogprob] | None = None
     logprobs_sent: int = 0       # entries of `logprobs` already sent in stream chunks
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (token ids, values)
+    counts: torch.Tensor | None = None  # penalties: occurrences of each token id among `tokens[:counted]`
+    counted: int = 0
 
 
 _DONE = object()
@@ -740,12 +742,17 @@ class Engine:
         logit[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0)."""
         p = req.params
         if req.bias is not None:
+            if req.bias[0].device != logits.device:
+                req.bias = (req.bias[0].to(logits.device), req.bias[1].to(logits.device))
             ids, values = req.bias
-            logits[ids.to(logits.device)] += values.to(logits.device)
-        if (p.presence_penalty or p.frequency_penalty) and req.tokens:
-            counts = torch.bincount(torch.tensor(req.tokens), minlength=logits.shape[-1])[:logits.shape[-1]]
-            counts = counts.to(device=logits.device, dtype=logits.dtype)
-            logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+            logits[ids] += values
+        if p.presence_penalty or p.frequency_penalty:
+            if req.counts is None:
+                req.counts = torch.zeros(logits.shape[-1], device=logits.device, dtype=logits.dtype)
+            for token in req.tokens[req.counted:]:  # one new token per step: counted incrementally
+                req.counts[token] += 1
+            req.counted = len(req.tokens)
+            logits -= p.frequency_penalty * req.counts + p.presence_penalty * (req.counts > 0).to(logits.dtype)
 
     def _prompt_logprobs(self, logits: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob | None]:
         """Teacher-forced logprobs of a prompt's own tokens from the prefill logits of its positions [n, V]:
