@@ -111,6 +111,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> AdapterFiles:
             continue
         if key.endswith(".lora_A.weight"):
             path = key[:-len(".lora_A.weight")]
+            if f"{path}.lora_B.weight" not in weights:
+                raise ModelError(f"{d}: {key} has no matching lora_B weight; the adapter file is incomplete")
             linear[path] = (value, weights[f"{path}.lora_B.weight"])
         elif not key.endswith(".lora_B.weight"):
             replaced[key] = value
