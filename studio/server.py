@@ -2,7 +2,8 @@
 
     GET  /v1/models              the base and the served adapter references
     POST /v1/chat/completions    `model` = the base id or a registry reference (law, law@v3, law@prod); stream=true
-    POST /v1/completions         the same for raw text prompts (a list of prompts is one batch)
+    POST /v1/completions         the same for raw text or token-id prompts (a list of prompts is one batch);
+                                 logprobs / echo / max_tokens 0 score prompts, as evaluation harnesses need
     POST /v1/load_lora_adapter   vLLM's dynamic LoRA: {"lora_name", "lora_path"}: a PEFT directory under
                                  --allowed-lora-roots (registered as domain `lora_name`) or a registry reference
     POST /v1/unload_lora_adapter {"lora_name"}: evict it and stop serving the name
