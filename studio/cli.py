@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "registry": ("studio.registry.cli", "versioned adapter registry: list, show, promote, push, pull"),
     "serve": ("studio.server", "OpenAI-compatible server with per-request adapter hot-swap"),
     "eval": ("studio.eval", "compare the base and adapters on held-out domain data"),
+    "export": ("studio.export", "write a registered adapter as PEFT files, per-expert LoRA or a merged checkpoint"),
     "ui": ("studio.ui.app", "launch the Gradio studio"),
 }
 

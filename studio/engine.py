@@ -4,6 +4,7 @@
     engine.generate(["Define tort."], adapters="law@prod")         # registry reference, resolved per request
     engine.generate([chat_a, chat_b, chat_c], adapters=["law@v3", "medicine@prod", None])   # one mixed batch
     for chunk in engine.stream(chat, adapter="law@prod"): print(chunk.text, end="")
+    engine.generate([token_ids], params=SamplingParams(max_tokens=0, prompt_logprobs=True, logprobs=1))  # scoring
 
 Adapters are loaded from the registry on first use and kept resident, least recently used evicted first
 (`max_resident`); an adapter in use by a request in flight is never evicted. A registry alias (`law@prod`) is
@@ -43,6 +44,7 @@ from studio.moe.experts import StudioExperts, rank_block_mask, stack_lora
 logger = logging.getLogger(__name__)
 
 BASE_NAMES = ("", "base")
+MAX_LOGPROBS = 20          # alternatives per token (OpenAI's chat limit; its legacy completions allow 5)
 
 
 # --------------------------------------------------------------------------- request / result types
@@ -58,10 +60,17 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] | None = None
     ignore_eos: bool = False     # keep going past the end-of-sequence token (benchmarks: fixed token counts)
+    # Log-probabilities are the model's own distribution (log-softmax of its logits, before logit_bias, penalties,
+    # temperature, top-k and top-p), as vLLM returns by default: what evaluation harnesses score.
+    logprobs: int | None = None  # None: none; N >= 0: each generated token's logprob and its top N alternatives
+    prompt_logprobs: bool = False  # also the prompt's own tokens' logprobs (OpenAI's `echo`); max_tokens may be 0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling, in [-100, 100]
+    presence_penalty: float = 0.0   # subtracted once from the logit of every token already generated, in [-2, 2]
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the tokens generated so far, in [-2, 2]
 
     def validate(self, limit: int) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
+            raise RequestError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
         if self.max_tokens > limit:
             raise RequestError(f"max_tokens={self.max_tokens} is over this server's limit of {limit}; ask for fewer")
         if not 0.0 <= float(self.temperature) <= 2.0:
@@ -75,6 +84,30 @@ class SamplingParams:
                 self.stop = [self.stop]
             if len(self.stop) > 4 or not all(isinstance(s, str) and s for s in self.stop):
                 raise RequestError("stop must be a non-empty string or a list of at most 4 non-empty strings")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise RequestError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not -2.0 <= value <= 2.0:
+                raise RequestError(f"{name} must be a number between -2 and 2, got {value!r}")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise RequestError(f"logit_bias keys must be token ids (non-negative integers), got {token!r}")
+            if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not -100.0 <= bias <= 100.0:
+                raise RequestError(f"logit_bias values must be between -100 and 100, got {bias!r} for token {token}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model and its `top` most likely alternatives [(id, logprob)]."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -87,6 +120,12 @@ class Completion:
     adapter: str | None         # canonical registry reference ("law@v3"), None for the bare base
     latency_s: float
     ttft_s: float
+    prompt_token_ids: list[int] = field(default_factory=list)
+    # prompt_logprobs: one per prompt token, the first None (nothing predicts it); asked with prompt_logprobs.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    # logprobs: one per generated token, asked with logprobs; it also scores an end-of-sequence token that
+    # ended the row (which token_ids and the text leave out), as vLLM's output does.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -94,6 +133,7 @@ class StreamChunk:
     text: str
     finish_reason: str | None = None
     completion: Completion | None = None
+    logprobs: list[TokenLogprob] | None = None  # the generated tokens' entries not sent in an earlier chunk
 
 
 @dataclass
@@ -117,6 +157,12 @@ class _Request:
     first_token: float | None = None
     finish_reason: str | None = None
     cancelled: bool = False
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    logprobs: list[TokenLogprob] | None = None
+    logprobs_sent: int = 0       # entries of `logprobs` already sent in stream chunks
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (token ids, values)
+    counts: torch.Tensor | None = None  # penalties: occurrences of each token id among `tokens[:counted]`
+    counted: int = 0
 
 
 _DONE = object()
@@ -225,8 +271,9 @@ class Engine:
                 self._last_mode = None
 
     def generate(self, prompts, adapters=None, params: SamplingParams | None = None) -> list[Completion]:
-        """Complete every prompt (a str, or a chat: list of {"role", "content"}); rows may use different adapters."""
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], dict)):
+        """Complete every prompt (a str, a chat: list of {"role", "content"}, or a list of token ids); rows may use
+        different adapters."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], (dict, int))):
             prompts = [prompts]
         if not isinstance(adapters, (list, tuple)):
             adapters = [adapters] * len(prompts)
@@ -283,10 +330,21 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------------
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the ids a token-id prompt or a logit_bias key may use."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
     def _encode(self, prompt) -> list[int]:
         tok = self.tokenizer
         if isinstance(prompt, str):
             return tok(prompt, add_special_tokens=False)["input_ids"]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise RequestError(f"token ids {bad[:5]} are outside this base's vocabulary of {self.vocab_size} ids "
+                                   "(0 to vocab size - 1): tokenize the prompt with this base's tokenizer")
+            return list(prompt)
         if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
             for i, m in enumerate(prompt):
                 if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
@@ -296,10 +354,19 @@ class Engine:
                 raise RequestError("messages is empty: send at least one user message")
             ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        raise RequestError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+        raise RequestError(f"a prompt must be a string, a list of chat messages or a non-empty list of token ids, "
+                           f"got {type(prompt).__name__}")
 
     def _prepare(self, prompts, adapters, params: SamplingParams) -> list[_Request]:
         params.validate(self.max_tokens_limit)
+        bias = None
+        if params.logit_bias:
+            bad = [t for t in params.logit_bias if t >= self.vocab_size]
+            if bad:
+                raise RequestError(f"logit_bias names token ids {bad[:5]} outside this base's vocabulary of "
+                                   f"{self.vocab_size} ids")
+            ids = list(params.logit_bias)
+            bias = (torch.tensor(ids), torch.tensor([float(params.logit_bias[t]) for t in ids]))
         out = []
         for prompt, ref in zip(prompts, adapters):
             ids = self._encode(prompt)
@@ -315,7 +382,8 @@ class Engine:
                 gen = torch.Generator(device="cpu")
                 gen.manual_seed(params.seed if params.seed is not None else torch.seed())
             out.append(_Request(ids, version.ref if version else None,
-                                SamplingParams(**asdict(params)), generator=gen))
+                                SamplingParams(**asdict(params)), generator=gen, bias=bias,
+                                logprobs=[] if params.logprobs is not None else None))
         return out
 
     def _submit(self, requests: list[_Request]) -> None:
@@ -570,13 +638,24 @@ class Engine:
         completion = Completion(text=final_text, token_ids=list(req.tokens), prompt_tokens=len(req.prompt_ids),
                                 completion_tokens=len(req.tokens), finish_reason=req.finish_reason or "length",
                                 adapter=req.adapter, latency_s=now - req.submitted,
-                                ttft_s=(req.first_token or now) - req.submitted)
+                                ttft_s=(req.first_token or now) - req.submitted,
+                                prompt_token_ids=list(req.prompt_ids), prompt_logprobs=req.prompt_logprobs,
+                                logprobs=req.logprobs)
         self.counters["requests"] += 1
         self.counters["completion_tokens"] += len(req.tokens)
         self.counters["prompt_tokens"] += len(req.prompt_ids)
         self._notify("request_done", completion=completion)
-        req.out.put(StreamChunk(delta, finish_reason=completion.finish_reason, completion=completion))
+        req.out.put(StreamChunk(delta, finish_reason=completion.finish_reason, completion=completion,
+                                logprobs=self._unsent_logprobs(req)))
         req.out.put(_DONE)
+
+    @staticmethod
+    def _unsent_logprobs(req: _Request) -> list[TokenLogprob] | None:
+        if req.logprobs is None:
+            return None
+        new = req.logprobs[req.logprobs_sent:]
+        req.logprobs_sent = len(req.logprobs)
+        return new
 
     def _decoded(self, req: _Request) -> tuple[str, bool]:
         """The row's text so far (end-of-sequence tokens left out), cut at a stop string; and whether one was found."""
@@ -587,11 +666,13 @@ class Engine:
                 return text[:at], True
         return text, False
 
-    def _emit(self, row: "_Row", token: int) -> bool:
+    def _emit(self, row: "_Row", token: int, logprob: TokenLogprob | None = None) -> bool:
         """Record one new token for a row; return True when the row is finished."""
         req = row.req
         if req.first_token is None:
             req.first_token = time.perf_counter()
+        if logprob is not None:
+            req.logprobs.append(logprob)
         if token in self.eos_ids and not req.params.ignore_eos:
             req.finish_reason = "stop"
             return True
@@ -608,7 +689,7 @@ class Engine:
         while safe > 0 and text[safe - 1] == "\ufffd":
             safe -= 1
         if safe > req.emitted:
-            req.out.put(StreamChunk(text[req.emitted:safe]))
+            req.out.put(StreamChunk(text[req.emitted:safe], logprobs=self._unsent_logprobs(req)))
             req.emitted = safe
         return req.cancelled
 
@@ -621,13 +702,20 @@ class Engine:
                 ids.update(t for t in tok if isinstance(t, int))
         return ids
 
-    def _sample(self, logits: torch.Tensor, rows: list["_Row"]) -> list[int]:
-        """One token per row from its last-position logits, with that row's own settings and generator."""
+    def _sample(self, logits: torch.Tensor, rows: list["_Row"]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token per row from its last-position logits, with that row's own settings and generator; and, for
+        rows that ask for logprobs, the chosen token's log-probability under the model with its top alternatives."""
         from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                             TopKLogitsWarper, TopPLogitsWarper)
 
         out = []
         logits = logits.float()
+        want = [row.req.params.logprobs is not None for row in rows]
+        logp = F.log_softmax(logits, dim=-1) if any(want) else None
+        if any(row.req.params.adjusts_logits for row in rows):
+            logits = logits.clone()
+            for i, row in enumerate(rows):
+                self._adjust(logits[i], row.req)
         greedy = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             p = row.req.params
@@ -642,7 +730,51 @@ class Engine:
             scores = warpers(None, logits[i:i + 1])
             probs = F.softmax(scores, dim=-1).cpu()
             out.append(int(torch.multinomial(probs, 1, generator=row.req.generator).item()))
-        return out
+        entries: list[TokenLogprob | None] = [None] * len(rows)
+        for i, row in enumerate(rows):
+            if want[i]:
+                entries[i] = _token_logprob(logp[i], out[i], row.req.params.logprobs)
+        return out, entries
+
+    @staticmethod
+    def _adjust(logits: torch.Tensor, req: _Request) -> None:
+        """logit_bias, then OpenAI's penalties over the tokens generated so far (in place, one row [V]):
+        logit[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0)."""
+        p = req.params
+        if req.bias is not None:
+            if req.bias[0].device != logits.device:
+                req.bias = (req.bias[0].to(logits.device), req.bias[1].to(logits.device))
+            ids, values = req.bias
+            logits[ids] += values
+        if p.presence_penalty or p.frequency_penalty:
+            if req.counts is None:
+                req.counts = torch.zeros(logits.shape[-1], device=logits.device, dtype=logits.dtype)
+            for token in req.tokens[req.counted:]:  # one new token per step: counted incrementally
+                req.counts[token] += 1
+            req.counted = len(req.tokens)
+            logits -= p.frequency_penalty * req.counts + p.presence_penalty * (req.counts > 0).to(logits.dtype)
+
+    def _prompt_logprobs(self, logits: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob | None]:
+        """Teacher-forced logprobs of a prompt's own tokens from the prefill logits of its positions [n, V]:
+        position t predicts token t + 1; the first token has none."""
+        logp = F.log_softmax(logits[:-1].float(), dim=-1)
+        target = torch.tensor(ids[1:], device=logp.device)
+        chosen = logp.gather(1, target[:, None])[:, 0].tolist()
+        if top:
+            values, indices = logp.topk(top, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+        else:
+            tops = [[] for _ in chosen]
+        return [None] + [TokenLogprob(t, lp, tp) for t, lp, tp in zip(ids[1:], chosen, tops)]
+
+
+def _token_logprob(logp: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """logp: one position's log-softmax [V]."""
+    alternatives = []
+    if top:
+        values, indices = logp.topk(top)
+        alternatives = list(zip(indices.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logp[token]), alternatives)
 
 
 class _NoRoom(StudioError):
@@ -669,7 +801,7 @@ class _Batch:
         self.cache = None
         self.mask: torch.Tensor | None = None
 
-    def _forward(self, input_ids, mask, positions, cache, slots):
+    def _forward(self, input_ids, mask, positions, cache, slots, every_position: bool = False):
         e = self.engine
         e._set_rows(slots)
         try:
@@ -679,7 +811,7 @@ class _Batch:
             for m in e._expert_modules:
                 m.row_adapters = None
         e.counters["forward_passes"] += 1
-        return out.logits[:, -1, :], out.past_key_values
+        return (out.logits if every_position else out.logits[:, -1, :]), out.past_key_values
 
     def prefill(self, ready: list[tuple[_Request, _Adapter | None]]) -> None:
         from transformers.cache_utils import DynamicCache
@@ -695,11 +827,31 @@ class _Batch:
             mask[i, width - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=e.model.config)
-        logits, cache = self._forward(ids, mask, positions, cache, [ent.slot if ent else None for _, ent in ready])
+        echo = any(req.params.prompt_logprobs for req, _ in ready)
+        logits, cache = self._forward(ids, mask, positions, cache, [ent.slot if ent else None for _, ent in ready],
+                                      every_position=echo)
+        if echo:  # the prompt's own tokens' logprobs come from this same (possibly mixed-adapter) forward pass
+            for i, (req, _) in enumerate(ready):
+                if req.params.prompt_logprobs:
+                    req.prompt_logprobs = e._prompt_logprobs(logits[i, width - len(req.prompt_ids):],
+                                                             req.prompt_ids, req.params.logprobs or 0)
+            logits = logits[:, -1, :]
         rows = [_Row(req, ent, position=len(req.prompt_ids)) for req, ent in ready]
-        tokens = e._sample(logits, rows)
+        # max_tokens=0 (scoring a prompt): finished now, and their cache rows are dropped before the merge
+        keep = [i for i, r in enumerate(rows) if r.req.params.max_tokens > 0]
+        if len(keep) < len(rows):
+            for row in rows:
+                if row.req.params.max_tokens == 0:
+                    row.req.finish_reason = "length"
+                    e._finish(row)
+            if not keep:
+                return
+            idx = torch.tensor(keep)
+            cache.batch_select_indices(idx.to(e.device))
+            rows, mask, logits = [rows[i] for i in keep], mask[idx], logits[idx.to(logits.device)]
+        tokens, entries = e._sample(logits, rows)
         self._merge(rows, cache, mask)
-        self._advance(rows, tokens)
+        self._advance(rows, tokens, entries)
 
     def step(self) -> None:
         """Decode one token for every running row: the cache holds each row's context up to, not including, the
@@ -710,15 +862,15 @@ class _Batch:
         positions = torch.tensor([[r.position] for r in self.rows])
         logits, self.cache = self._forward(ids, self.mask, positions, self.cache,
                                            [r.entry.slot if r.entry else None for r in self.rows])
-        self._advance(list(self.rows), e._sample(logits, self.rows))
+        self._advance(list(self.rows), *e._sample(logits, self.rows))
 
-    def _advance(self, rows: list[_Row], tokens: list[int]) -> None:
+    def _advance(self, rows: list[_Row], tokens: list[int], entries: list[TokenLogprob | None]) -> None:
         e = self.engine
         done = []
-        for row, tok in zip(rows, tokens):
+        for row, tok, entry in zip(rows, tokens, entries):
             row.position += 1
             row.last = tok
-            if e._emit(row, tok):
+            if e._emit(row, tok, entry):
                 done.append(row)
         if done:
             for row in done:

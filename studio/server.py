@@ -2,7 +2,11 @@
 
     GET  /v1/models              the base and the served adapter references
     POST /v1/chat/completions    `model` = the base id or a registry reference (law, law@v3, law@prod); stream=true
-    POST /v1/completions         the same for raw text prompts (a list of prompts is one batch)
+    POST /v1/completions         the same for raw text or token-id prompts (a list of prompts is one batch);
+                                 logprobs / echo / max_tokens 0 score prompts, as evaluation harnesses need
+    POST /v1/load_lora_adapter   vLLM's dynamic LoRA: {"lora_name", "lora_path"}: a PEFT directory under
+                                 --allowed-lora-roots (registered as domain `lora_name`) or a registry reference
+    POST /v1/unload_lora_adapter {"lora_name"}: evict it and stop serving the name
     GET  /health                 liveness + what is loaded
     GET  /metrics                Prometheus text: requests, tokens, latency, adapter loads/switches, resident
 
@@ -21,6 +25,7 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from typing import Literal
 
 from studio.errors import ModelError, RegistryError, RequestError, StudioError
@@ -29,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "STUDIO_API_KEY"
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_COMPLETION_LOGPROBS = 5   # OpenAI's legacy completions limit for `logprobs`
+MAX_CHAT_TOP_LOGPROBS = 20    # OpenAI's chat limit for `top_logprobs`
 
 
 # --------------------------------------------------------------------------- errors
@@ -77,16 +84,34 @@ def _request_models():
         stream_options: StreamOptions | None = None
         stop: str | list[str] | None = None
         seed: int | None = None
+        # OpenAI's ranges; logit_bias keys are token ids as strings (JSON object keys), values in [-100, 100]
+        logit_bias: dict[str, float] | None = None
+        presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+        frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
         max_completion_tokens: int | None = Field(default=None, ge=1)
+        logprobs: bool = False
+        top_logprobs: int | None = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
 
     class CompletionRequest(Common):
-        prompt: str | list[str]
+        # one text, a batch of texts, one token-id list, or a batch of token-id lists (what harnesses send)
+        prompt: str | list[str] | list[int] | list[list[int]]
         echo: bool = False
+        logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+        max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt only
 
-    return ChatRequest, CompletionRequest
+    class LoadLora(BaseModel):
+        model_config = ConfigDict(extra="allow")  # vLLM's load_inplace, lora_int_id, ... are accepted and ignored
+        lora_name: str = Field(min_length=1)
+        lora_path: str = Field(min_length=1)
+
+    class UnloadLora(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        lora_name: str = Field(min_length=1)
+
+    return ChatRequest, CompletionRequest, LoadLora, UnloadLora
 
 
 # --------------------------------------------------------------------------- metrics
@@ -146,14 +171,21 @@ class Server:
     """The FastAPI app around an Engine. `adapters`: the references advertised in /v1/models and preloaded;
     requests may name any version or alias of a served domain (all domains when `adapters` is None)."""
 
-    def __init__(self, engine, adapters: list[str] | None = None, api_key: str | None = None):
+    def __init__(self, engine, adapters: list[str] | None = None, api_key: str | None = None,
+                 allowed_lora_roots: list[str] | None = None):
+        from pathlib import Path
+
         self.engine = engine
         self.adapters = list(adapters or [])
         self.domains = {a.split("@", 1)[0] for a in self.adapters} if adapters else None
         self.api_key = api_key
+        # directories /v1/load_lora_adapter may read adapters from (none: registry references only)
+        self.allowed_lora_roots = [Path(r).expanduser().resolve() for r in allowed_lora_roots or []]
+        self.lora_names: dict[str, str] = {}  # names loaded through /v1/load_lora_adapter -> canonical reference
+        self._lora_lock = threading.Lock()
         self.metrics = Metrics(engine)
         self.created = int(time.time())
-        self.ChatRequest, self.CompletionRequest = _request_models()
+        self.ChatRequest, self.CompletionRequest, self.LoadLora, self.UnloadLora = _request_models()
         self.app = self._build()
 
     # ---- model names ----
@@ -164,6 +196,8 @@ class Server:
             raise APIError(400, "`model` is required: the base id or an adapter reference", param="model")
         if name in ("base", self.engine.base_id):
             return None
+        if name in self.lora_names:
+            return self.lora_names[name]
         domain = name.split("@", 1)[0]
         if self.domains is not None and domain not in self.domains:
             raise APIError(404, f"The model `{name}` does not exist: this server serves {self._served_text()}",
@@ -190,6 +224,10 @@ class Server:
             for domain in self.engine.registry.domains():
                 refs.append(domain)
                 refs.extend(f"{domain}@{alias}" for alias in self.engine.registry.aliases(domain))
+        for name, ref in list(self.lora_names.items()):
+            out.append({"id": name, "object": "model", "created": self.created, "owned_by": "studio",
+                        "kind": "adapter", "resolves_to": ref, "parent": self.engine.base_id,
+                        "resident": ref in self.engine.resident()})
         for ref in refs:
             try:
                 version = self.engine.resolve(ref)
@@ -204,15 +242,94 @@ class Server:
 
     # ---- handlers ----
 
-    def _params(self, req, max_tokens: int | None):
+    def _params(self, req, max_tokens: int, logprobs: int | None = None, echo: bool = False):
         from studio.engine import SamplingParams
 
         if req.n != 1:
             raise APIError(400, f"n={req.n} is not supported: this server returns one choice per prompt (n=1)",
                            param="n")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
-        return SamplingParams(max_tokens=max_tokens or 64, temperature=req.temperature, top_p=req.top_p,
-                              top_k=req.top_k, seed=req.seed, stop=stop)
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k, seed=req.seed, stop=stop, logprobs=logprobs, prompt_logprobs=echo,
+                              logit_bias=_logit_bias(req.logit_bias), presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty)
+
+    # ---- vLLM-style dynamic adapters ----
+
+    def load_lora(self, name: str, source: str) -> str:
+        """Serve `name` as a registry reference, or as a PEFT directory under the allowed roots (registered first
+        as the next version of domain `name`); returns the canonical reference loaded."""
+        from studio.registry.refs import check_domain
+
+        if name in ("base", self.engine.base_id) or (self.domains is not None and name in self.adapters):
+            raise APIError(400, f"`{name}` already names a served model; choose another lora_name", param="lora_name")
+        with self._lora_lock:
+            if name in self.lora_names:
+                raise APIError(400, f"The lora adapter '{name}' has already been loaded; unload it first",
+                               param="lora_name", code="lora_already_loaded")
+        is_path = "/" in source or "\\" in source or source.startswith((".", "~"))
+        try:
+            if is_path:
+                directory = self._allowed_dir(source)
+                try:
+                    check_domain(name)
+                except RegistryError as exc:
+                    raise APIError(400, f"lora_name becomes the registry domain of the adapter: {exc}",
+                                   param="lora_name") from None
+                with warnings.catch_warnings():  # a bare PEFT directory has no studio metadata: that is fine
+                    warnings.simplefilter("ignore")
+                    version = self.engine.registry.register(directory, domain=name, notes=f"load_lora_adapter {name}")
+                ref = version.ref
+            else:
+                ref = source
+            loaded = self.engine.load(ref)
+        except APIError:
+            raise
+        except (ModelError, RegistryError) as exc:
+            raise APIError(400, f"cannot load lora_path {source!r}: {exc}", param="lora_path") from exc
+        except StudioError as exc:
+            raise APIError(500, str(exc), type_="server_error") from exc
+        if loaded is None:
+            raise APIError(400, f"lora_path {source!r} names the base, not an adapter", param="lora_path")
+        with self._lora_lock:
+            self.lora_names[name] = loaded
+        logger.info("load_lora_adapter: %s -> %s", name, loaded)
+        return loaded
+
+    def _allowed_dir(self, source: str):
+        from pathlib import Path
+
+        if not self.allowed_lora_roots:
+            raise APIError(403, "loading adapters from a path is disabled on this server: start it with "
+                                "--allowed-lora-roots DIR, or pass a registry reference (law@v3) as lora_path",
+                           type_="permission_error", param="lora_path")
+        directory = Path(source).expanduser()
+        if not directory.is_absolute():
+            raise APIError(400, f"lora_path {source!r} must be an absolute path", param="lora_path")
+        directory = directory.resolve()
+        # every file must resolve inside an allowed root too: a symlink may not smuggle other files in
+        for p in [directory, *(directory.rglob("*") if directory.is_dir() else [])]:
+            real = p.resolve()
+            if not any(real == root or real.is_relative_to(root) for root in self.allowed_lora_roots):
+                raise APIError(403, f"lora_path {source!r} is outside the allowed roots "
+                                    f"({', '.join(map(str, self.allowed_lora_roots))})",
+                               type_="permission_error", param="lora_path")
+        if not directory.is_dir():
+            raise APIError(400, f"lora_path {source!r} is not a directory with adapter_config.json", param="lora_path")
+        return directory
+
+    def unload_lora(self, name: str) -> str:
+        with self._lora_lock:
+            ref = self.lora_names.get(name)
+            if ref is None:
+                raise APIError(404, f"The lora adapter '{name}' cannot be found: only adapters loaded with "
+                                    "/v1/load_lora_adapter can be unloaded", param="lora_name", code="lora_not_found")
+            try:
+                self.engine.unload(ref)
+            except StudioError as exc:  # in use by a request in flight
+                raise APIError(409, str(exc), code="lora_in_use") from exc
+            del self.lora_names[name]
+        return ref
 
     def _check_auth(self, request) -> None:
         if not self.api_key:
@@ -230,6 +347,7 @@ class Server:
         app = FastAPI(title="MoE LoRA Studio", version="1")
         server = self
         ChatRequest, CompletionRequest = self.ChatRequest, self.CompletionRequest
+        LoadLora, UnloadLora = self.LoadLora, self.UnloadLora
 
         @app.exception_handler(APIError)
         async def _api_error(request: Request, exc: APIError):
@@ -281,12 +399,34 @@ class Server:
             server.resolve_model(model_id)  # 404 with the reason, or a valid reference not advertised
             return {"id": model_id, "object": "model", "created": server.created, "owned_by": "studio"}
 
+        @app.post("/v1/load_lora_adapter")
+        def load_lora_adapter(body: LoadLora, request: Request):
+            # vLLM answers these two with plain text; tools written for it read the status code
+            from fastapi.responses import PlainTextResponse
+
+            server._check_auth(request)
+            request.state.model = body.lora_name
+            ref = server.load_lora(body.lora_name, body.lora_path)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully ({ref}).")
+
+        @app.post("/v1/unload_lora_adapter")
+        def unload_lora_adapter(body: UnloadLora, request: Request):
+            from fastapi.responses import PlainTextResponse
+
+            server._check_auth(request)
+            request.state.model = body.lora_name
+            server.unload_lora(body.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
         @app.post("/v1/chat/completions")
         def chat(body: ChatRequest, request: Request):
             server._check_auth(request)
             adapter = server.resolve_model(body.model)
             request.state.model = body.model
-            params = server._params(body, body.max_completion_tokens or body.max_tokens)
+            if body.top_logprobs is not None and not body.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+            params = server._params(body, body.max_completion_tokens or body.max_tokens or 64,
+                                    logprobs=(body.top_logprobs or 0) if body.logprobs else None)
             messages = [{"role": m.role, "content": m.content} for m in body.messages]
             if body.stream:
                 return server._stream("chat", body, messages, adapter, params)
@@ -294,7 +434,8 @@ class Server:
             return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                     "model": body.model, "system_fingerprint": server._fingerprint(c.adapter),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                                 "finish_reason": c.finish_reason, "logprobs": None}],
+                                 "finish_reason": c.finish_reason,
+                                 "logprobs": server._chat_logprobs(c.logprobs) if body.logprobs else None}],
                     "usage": _usage([c])}
 
         @app.post("/v1/completions")
@@ -302,27 +443,79 @@ class Server:
             server._check_auth(request)
             adapter = server.resolve_model(body.model)
             request.state.model = body.model
-            params = server._params(body, body.max_tokens or 16)
-            prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+            max_tokens = 16 if body.max_tokens is None else body.max_tokens
+            if max_tokens == 0 and not body.echo:
+                raise APIError(400, "max_tokens=0 generates nothing; it is only useful with echo=true (to score the "
+                                    "prompt): set echo=true or max_tokens >= 1", param="max_tokens")
+            params = server._params(body, max_tokens, logprobs=body.logprobs, echo=body.echo and
+                                    body.logprobs is not None)
+            prompt = body.prompt
+            # one prompt (text or token ids) or a batch of them
+            prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
             if len(prompts) > MAX_PROMPTS:
                 raise APIError(400, f"{len(prompts)} prompts in one request; at most {MAX_PROMPTS}: split them "
                                     "over several requests", param="prompt")
             if not prompts or not all(prompts):
-                raise APIError(400, "prompt must be a non-empty string or a non-empty list of non-empty strings",
-                               param="prompt")
+                raise APIError(400, "prompt must be a non-empty string, a non-empty list of token ids, or a "
+                                    "non-empty list of those", param="prompt")
             if body.stream:
                 if len(prompts) != 1:
                     raise APIError(400, "stream=true takes a single prompt; send one request per prompt",
                                    param="prompt")
+                if body.echo:
+                    raise APIError(400, "echo=true is not supported with stream=true; send stream=false",
+                                   param="echo")
                 return server._stream("text", body, prompts[0], adapter, params)
             results = server._run("text", prompts, adapter, params)
+            choices = []
+            for i, (p, c) in enumerate(zip(prompts, results)):
+                echoed = (p if isinstance(p, str) else server._decode(p)) if body.echo else ""
+                choices.append({"index": i, "text": echoed + c.text, "finish_reason": c.finish_reason,
+                                "logprobs": None if body.logprobs is None else
+                                server._completion_logprobs(c, body.echo, 0)})
             return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                     "model": body.model, "system_fingerprint": server._fingerprint(results[0].adapter),
-                    "choices": [{"index": i, "text": (p if body.echo else "") + c.text, "finish_reason":
-                                 c.finish_reason, "logprobs": None} for i, (p, c) in enumerate(zip(prompts, results))],
-                    "usage": _usage(results)}
+                    "choices": choices, "usage": _usage(results)}
 
         return app
+
+    # ---- logprobs in OpenAI's two formats ----
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _completion_logprobs(self, c, echo: bool, offset: int) -> dict:
+        """OpenAI's legacy format: tokens, token_logprobs, top_logprobs ({token: logprob}, the chosen token
+        included, so up to logprobs + 1 entries) and text_offset; with echo the prompt's tokens come first, the
+        first of them with None (nothing predicts it)."""
+        entries = list(c.prompt_logprobs or []) if echo else []
+        ids = list(c.prompt_token_ids) if echo else []
+        entries += c.logprobs or []
+        ids += [e.token for e in c.logprobs or []]
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for tid, entry in zip(ids, entries):
+            piece = self._decode([tid])
+            tokens.append(piece)
+            offsets.append(offset)
+            offset += len(piece)
+            if entry is None:
+                token_lps.append(None)
+                tops.append(None)
+                continue
+            token_lps.append(entry.logprob)
+            top = {self._decode([t]): lp for t, lp in entry.top}
+            top.setdefault(piece, entry.logprob)
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def _chat_logprobs(self, entries) -> dict:
+        """OpenAI's chat format: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+        def item(tid, lp):
+            piece = self._decode([tid])
+            return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+
+        return {"content": [dict(item(e.token, e.logprob), top_logprobs=[item(t, lp) for t, lp in e.top])
+                            for e in entries or []], "refusal": None}
 
     def _fingerprint(self, adapter: str | None) -> str:
         return f"{self.engine.base_id}+{adapter}" if adapter else self.engine.base_id
@@ -366,16 +559,28 @@ class Server:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         fingerprint = self._fingerprint(adapter)
 
-        def chunk(delta_text=None, finish=None, role=False, usage=None):
+        offset = [0]  # text_offset of the next streamed token (legacy completions)
+
+        def logprobs_of(entries):
+            if params.logprobs is None or entries is None:
+                return None
+            if kind == "chat":
+                return self._chat_logprobs(entries)
+            out = self._completion_logprobs(_Tokens(entries), False, offset[0])
+            offset[0] += sum(len(t) for t in out["tokens"])
+            return out
+
+        def chunk(delta_text=None, finish=None, role=False, usage=None, entries=None):
             if kind == "chat":
                 delta = {}
                 if role:
                     delta["role"] = "assistant"
                 if delta_text:
                     delta["content"] = delta_text
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs_of(entries)}
             else:
-                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish,
+                          "logprobs": logprobs_of(entries)}
             data = {"id": cid, "object": obj, "created": created, "model": body.model,
                     "system_fingerprint": fingerprint, "choices": [choice] if usage is None else []}
             if usage is not None:
@@ -390,14 +595,14 @@ class Server:
                     yield chunk(role=True)
                 for part in parts:
                     if part.completion is not None:
-                        if part.text:
-                            yield chunk(part.text)
+                        if part.text or part.logprobs:
+                            yield chunk(part.text, entries=part.logprobs)
                         yield chunk(finish=part.finish_reason)
                         self._observe(kind, [part.completion], t0)
                         if include_usage:
                             yield chunk(usage=_usage([part.completion]))
                     elif part.text:
-                        yield chunk(part.text)
+                        yield chunk(part.text, entries=part.logprobs)
             except StudioError as exc:
                 yield f"data: {json.dumps(APIError(500, str(exc), type_='server_error').body())}\n\n"
             finally:
@@ -417,14 +622,37 @@ def _epoch(stamp: str, default: int) -> int:
         return default
 
 
+class _Tokens:
+    """A streamed chunk's logprob entries shaped like a Completion for _completion_logprobs."""
+
+    def __init__(self, entries):
+        self.logprobs, self.prompt_logprobs, self.prompt_token_ids = entries, None, []
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} (JSON keys are strings) -> {id: bias}; ranges are checked by the engine."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}: map token ids (as strings) to "
+                                "a bias between -100 and 100", param="logit_bias") from None
+        out[token] = value
+    return out
+
+
 def _usage(results) -> dict:
     p = sum(c.prompt_tokens for c in results)
     c = sum(c.completion_tokens for c in results)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def create_app(engine, adapters: list[str] | None = None, api_key: str | None = None):
-    return Server(engine, adapters, api_key).app
+def create_app(engine, adapters: list[str] | None = None, api_key: str | None = None,
+               allowed_lora_roots: list[str] | None = None):
+    return Server(engine, adapters, api_key, allowed_lora_roots).app
 
 
 class BackgroundServer:
@@ -485,6 +713,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); on small CPU machines 1 is often fastest for "
                         "decoding (see BENCHMARKS.md)")
+    p.add_argument("--allowed-lora-roots", default="",
+                   help="comma-separated directories POST /v1/load_lora_adapter may load PEFT adapters from "
+                        "(empty: registry references only)")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="serve adapters whose recorded base fingerprint differs from the loaded base")
     p.set_defaults(func=_serve)
@@ -512,7 +743,8 @@ def _serve(args) -> int:
     for ref in adapters:  # fail fast on a typo, and warm the cache
         loaded = engine.load(ref)
         print(f"serving {ref} -> {loaded}", flush=True)
-    server = Server(engine, adapters, api_key)
+    roots = [r.strip() for r in args.allowed_lora_roots.split(",") if r.strip()]
+    server = Server(engine, adapters, api_key, roots)
     print(f"studio serve: base {engine.base_id} on http://{args.host}:{args.port}/v1 "
           f"(models: {server._served_text()})", flush=True)
     try:

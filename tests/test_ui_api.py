@@ -389,3 +389,18 @@ def test_defaults_are_local_only():
     add_arguments(parser)
     args = parser.parse_args([])
     assert args.host == "127.0.0.1" and args.auth is None and args.base == "tiny-moe"
+
+
+def test_registry_export_action(app, client, tmp_path):
+    """The Registry tab's Export action runs studio.export on the selected version (per-expert and merged)."""
+    from gradio_client.exceptions import AppError
+
+    out = tmp_path / "per-expert"
+    msg = client.predict(app["ref"], "per-expert", str(out), "fp32", api_name="/export_adapter")
+    assert f"Exported **{app['ref']}** as per-expert" in msg and "export_manifest.json" in msg
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    assert {f["path"] for f in manifest["files"]} >= {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    merged = client.predict(app["ref"], "merged", str(tmp_path / "merged"), "bf16", api_name="/export_adapter")
+    assert "as merged" in merged and "4bit quantized base" in merged  # the app trains on a 4-bit base
+    with pytest.raises(AppError, match="already exists"):
+        client.predict(app["ref"], "peft", str(out), "fp32", api_name="/export_adapter")

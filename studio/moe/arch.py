@@ -27,6 +27,12 @@ class MoEArch:
     dense_mlp: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     aux_loss: bool = True                      # does the family define a router auxiliary loss?
     notes: str = ""
+    # How the family's checkpoints (and vLLM's 2D MoE models) name one routed expert's projections: the parent
+    # of the per-expert modules relative to a decoder layer, and the (gate, up, down) leaf names. The fused
+    # gate_up_proj holds gate then up along its output, or alternating (gate_up_interleaved, gpt-oss).
+    checkpoint_experts: str = "mlp.experts"
+    checkpoint_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    gate_up_interleaved: bool = False
 
     @property
     def high_precision(self) -> tuple[str, ...]:
@@ -45,13 +51,14 @@ ARCHS: dict[str, MoEArch] = {a.family: a for a in [
             attention=("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
             shared_experts=tuple(f"mlp.shared_experts.{n}" for n in _SWIGLU),
             aux_loss=False, notes="MLA attention"),
-    MoEArch("mixtral", ("mixtral",), attention=_MHA),
+    MoEArch("mixtral", ("mixtral",), attention=_MHA, checkpoint_experts="block_sparse_moe.experts",
+            checkpoint_expert_names=("w1", "w3", "w2")),
     MoEArch("qwen2_moe", ("qwen2_moe",), attention=_MHA,
             shared_experts=tuple(f"mlp.shared_expert.{n}" for n in _SWIGLU),
             extra_high_precision=("mlp.shared_expert_gate",)),
     MoEArch("qwen3_moe", ("qwen3_moe",), attention=_MHA),
     MoEArch("olmoe", ("olmoe",), attention=_MHA),
-    MoEArch("gpt_oss", ("gpt_oss",), attention=_MHA, routers=("mlp.router",),
+    MoEArch("gpt_oss", ("gpt_oss",), attention=_MHA, routers=("mlp.router",), gate_up_interleaved=True,
             notes="experts stored [E, in, out] with biases; interleaved gate/up"),
 ]}
 

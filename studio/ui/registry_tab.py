@@ -254,6 +254,7 @@ def build(ctx) -> SimpleNamespace:
                     ui.diff_table = gr.Dataframe(frame([], DIFF_COLUMNS), interactive=False, wrap=True,
                                                  elem_classes=["studio-table"],
                                                  max_height=360)
+        _build_export(ctx, ui)
 
     ui.outputs_for_show = [ui.selected, ui.details, ui.plot, ui.domain]
     _wire_download(ctx, ui)
@@ -284,6 +285,52 @@ def build(ctx) -> SimpleNamespace:
     ui.pull.click(c(pull, ctx), [ui.pull_ref, ui.remote], [ui.status, ui.table], api_name="pull")
     ui.diff_go.click(c(diff, ctx), [ui.diff_a, ui.diff_b], [ui.diff_head, ui.diff_table], api_name="diff")
     return ui
+
+
+# --------------------------------------------------------------------------- export (studio.export)
+
+
+@user_errors
+def export_version(ctx, ref: str, fmt: str, output: str, dtype: str = "fp32"):
+    """Write the selected version as PEFT files, per-expert LoRA or a merged checkpoint (`studio export`)."""
+    import warnings
+    from pathlib import Path
+
+    from studio.export import FORMATS, export_adapter
+
+    ref = (ref or "").strip()
+    if not ref:
+        raise RegistryError("no version selected to export: click a version in the table (or type law@v3)")
+    if fmt not in FORMATS:
+        raise RegistryError(f"pick an export format: {', '.join(FORMATS)}")
+    out = Path((output or "").strip() or Path("exports") / f"{ref.replace('@', '-')}-{fmt}").expanduser()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the notes come back in result.warnings and are shown below
+        result = export_adapter(ref, fmt, out, registry=ctx.adapters, dtype=dtype)
+    size = sum(f["size"] for f in result.files)
+    notes = "".join(f"<br>{status('warn', n)}" for n in result.warnings)
+    return status("ok", f"Exported **{result.ref}** as {fmt} to `{result.path.resolve()}`: {len(result.files)} "
+                        f"files, {size / 1024:.0f} KiB, sha256 manifest `export_manifest.json`.") + notes
+
+
+def _build_export(ctx, ui) -> None:
+    """The Export accordion: format, dtype (merged), output directory; runs studio.export on the selected version."""
+    with gr.Accordion("Export: PEFT, per-expert LoRA (vLLM) or merged checkpoint", open=False):
+        gr.Markdown("`peft`: the registry's files + a model card. `per-expert`: expert LoRA as per-expert 2D modules, "
+                    "the layout vLLM loads for Mixtral / Qwen-MoE / OLMoE / DeepSeek. `merged`: a transformers "
+                    "checkpoint with every delta merged into the base (a 4-bit-trained adapter is merged into the "
+                    "full-precision base). An existing output directory is never overwritten.")
+        with gr.Row(equal_height=True):
+            ui.export_format = gr.Dropdown(["peft", "per-expert", "merged"], value="peft", label="Format", scale=1,
+                                           elem_id="registry-export-format")
+            ui.export_dtype = gr.Dropdown(["fp32", "bf16"], value="fp32", label="dtype (merged)", scale=1)
+            ui.export_output = gr.Textbox(label="Output directory", placeholder="exports/<version>-<format>",
+                                          max_lines=1, scale=3, elem_id="registry-export-output")
+            ui.export_go = gr.Button("Export selected", scale=1, min_width=120, elem_id="registry-export")
+        ui.export_status = gr.Markdown(elem_id="registry-export-status")
+    ui.export_go.click(functools.partial(export_version, ctx),
+                       [ui.selected, ui.export_format, ui.export_output, ui.export_dtype], ui.export_status,
+                       api_name="export_adapter")
 
 
 def _show_quiet(ctx, ref: str):
