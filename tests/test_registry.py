@@ -131,7 +131,7 @@ def test_bad_references_name_problem_and_fix(registry, adapter, ref, pattern):
 
 
 def test_unknown_remote_lists_remotes(registry, tmp_path):
-    registry.remote_add("backup", str(tmp_path / "remote"))
+    registry.remote_add("backup", str(tmp_path / "remote"), create=True)
     with pytest.raises(RegistryError,
                        match=r"unknown remote 'origin' \(remotes: backup \(file://.*remote add NAME URL"):
         registry.pull("law", "origin")
