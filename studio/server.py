@@ -142,6 +142,44 @@ def _bad_text(value) -> str | None:
     return None
 
 
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 before it is buffered: at once from its Content-Length, or,
+    for a chunked upload, as soon as the bytes received pass the limit. (FastAPI's own `max_body_size` answers the
+    Content-Length case in plain text, not in OpenAI's error shape.)"""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def message(self) -> str:
+        return (f"the request body is over this server's limit of {self.max_bytes:,} bytes; send a shorter prompt, "
+                "or start the server with a larger --max-body-bytes")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            from fastapi.responses import JSONResponse
+
+            err = APIError(413, self.message(), code="request_too_large")
+            return await JSONResponse(err.body(), status_code=413, headers={"connection": "close"})(
+                scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    from starlette.exceptions import HTTPException
+
+                    raise HTTPException(413, self.message())  # FastAPI re-raises it to the handler below
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -293,9 +331,8 @@ class Server:
 
         from starlette.exceptions import HTTPException
 
-        # max_body_size: Starlette counts the body as it arrives and answers 413 before buffering more than the limit
-        # (a Content-Length over it is refused before any byte is read)
-        app = FastAPI(title="MoE LoRA Studio", version="1", max_body_size=self.max_body_bytes)
+        app = FastAPI(title="MoE LoRA Studio", version="1")
+        app.add_middleware(BodyLimit, max_bytes=self.max_body_bytes)  # inside _count below, so 413s are counted
         server = self
         ChatRequest, CompletionRequest = self.ChatRequest, self.CompletionRequest
 
@@ -306,9 +343,7 @@ class Server:
         @app.exception_handler(HTTPException)
         async def _http_error(request: Request, exc: HTTPException):
             if exc.status_code == 413:
-                err = APIError(413, f"the request body is over this server's limit of {server.max_body_bytes:,} "
-                                    "bytes; send a shorter prompt, or start the server with a larger "
-                                    "--max-body-bytes", code="request_too_large")
+                err = APIError(413, str(exc.detail), code="request_too_large")
             elif exc.status_code == 404:
                 err = APIError(404, f"no such endpoint: {request.method} {request.url.path[:200]}; the API is "
                                     "under /v1 (models, chat/completions, completions)", code="not_found")
@@ -352,8 +387,7 @@ class Server:
                 status = 500
                 raise
             finally:
-                route = request.scope.get("route")
-                endpoint = getattr(route, "path", None) or "other"
+                endpoint = _route_template(app, request.scope)
                 if endpoint != "/metrics":
                     server.metrics.requests.labels(endpoint, getattr(request.state, "model_label", ""),
                                                    str(status)).inc()
@@ -517,6 +551,16 @@ class Server:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _route_template(app, scope) -> str:
+    """The path template of the route a request matched ("/v1/models/{model_id:path}"), or "other"."""
+    route = scope.get("route")
+    if route is None:  # answered before routing (a 413 from BodyLimit): match it here
+        from starlette.routing import Match
+
+        route = next((r for r in app.router.routes if r.matches(scope)[0] != Match.NONE), None)
+    return getattr(route, "path", None) or "other"
 
 
 def _epoch(stamp: str, default: int) -> int:

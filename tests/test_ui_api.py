@@ -252,7 +252,7 @@ def test_registry_details_promote_rollback_push_pull_diff(app, client, tmp_path)
     with pytest.raises(AppError, match="no alias or version named 'nope'"):
         client.predict("contracts@nope", "prod", api_name="/promote")
     remote = tmp_path / "remote"
-    msg, remotes_md, _ = client.predict("origin", remote.as_uri(), api_name="/add_remote")
+    msg, remotes_md, _ = client.predict("origin", remote.as_uri(), True, api_name="/add_remote")
     assert "Remote **origin** added" in msg and "origin" in remotes_md
     assert "Pushed **contracts@v1** to origin" in client.predict("contracts@prod", "origin", api_name="/push")
     assert any(remote.rglob("*"))
