@@ -161,6 +161,7 @@ def test_bad_upload_is_refused_and_registers_nothing(app, client, tmp_path):
 
     before_ds = client.predict(api_name="/list_datasets")["data"]
     before_jobs = client.predict(api_name="/list_jobs")["data"]
+    log_start = (app["root"] / "app.log").stat().st_size
     with pytest.raises(AppError, match=r"broken\.jsonl: line 2, column \d+: invalid JSON"):
         client.predict(file=handle_file(str(write_bad(tmp_path / "broken.jsonl"))), name="broken", **TRAIN,
                        api_name="/start_training")
@@ -173,6 +174,9 @@ def test_bad_upload_is_refused_and_registers_nothing(app, client, tmp_path):
     assert client.predict(api_name="/list_datasets")["data"] == before_ds
     assert [r[0] for r in client.predict(api_name="/list_jobs")["data"]] == [r[0] for r in before_jobs]
     assert client.predict(api_name="/plan")["plan"].startswith("LoRA plan")  # and the app still answers
+    with open(app["root"] / "app.log", "rb") as f:  # ordinary bad input: a message for the user, no log traceback
+        f.seek(log_start)
+        assert b"Traceback" not in f.read()
 
 
 def test_plan_shows_the_lora_plan_and_memory_estimates(client):

@@ -130,6 +130,8 @@ def _show(args) -> int:
         for split, t in stats["tokens"].items():
             print(f"tokens/{split}: min {t['min']}, median {t['median']}, max {t['max']}, total {t['total']} "
                   f"({stats['tokenizer']})")
+        if stats.get("estimated_rows"):
+            print(f"token counts of {stats['estimated_rows']} very long row(s) are estimated from samples")
     _print_rows(rows)
     return 0
 
