@@ -338,20 +338,12 @@ class AdapterRegistry:
             if not bad:
                 return dest
             # a checkout shares its inodes with the blobs (hard links): a damaged blob means a damaged checkout
-            damaged = [f"{f['path']}: {p}" for f in v.files if (p := self.blobs.verify(f["sha256"], f["size"]))]
-            if damaged:
-                raise RegistryError(
-                    f"{v.ref} is corrupt in this registry ({'; '.join(damaged)}); refusing to load it. Run `studio "
-                    f"registry verify` to see the damage, then `studio registry pull {v.ref} REMOTE` to restore a "
-                    "good copy (or remove it and register the adapter again)")
+            self._refuse_damaged(v)
         with self.lock.shared():
             tmp = self.root / "tmp" / tmp_name("checkout")
             try:
+                self._refuse_damaged(v)
                 for f in v.files:
-                    problem = self.blobs.verify(f["sha256"], f["size"])
-                    if problem:
-                        raise RegistryError(f"{v.ref}: blob for {f['path']} is {problem}; run `studio registry verify` "
-                                            "and re-pull the version from a remote")
                     target = tmp / f["path"]
                     target.parent.mkdir(parents=True, exist_ok=True)
                     try:
@@ -378,6 +370,14 @@ class AdapterRegistry:
             raise RegistryError(f"{v.ref}: its checkout changed while it was built; run `studio registry verify` "
                                 "and retry")
         return dest
+
+    def _refuse_damaged(self, v: AdapterVersion) -> None:
+        damaged = [f"{f['path']}: {p}" for f in v.files if (p := self.blobs.verify(f["sha256"], f["size"]))]
+        if damaged:
+            raise RegistryError(
+                f"{v.ref} is corrupt in this registry ({'; '.join(damaged)}); refusing to load it. Run `studio "
+                f"registry verify` to see the damage, then `studio registry pull {v.ref} REMOTE` to restore a good "
+                "copy (or remove it and register the adapter again)")
 
     @staticmethod
     def _corrupt_files(dest: Path, v: AdapterVersion) -> list[str]:
