@@ -322,7 +322,10 @@ class Engine:
                 raise RequestError(f"the messages hold over {self.max_prompt_chars:,} characters together (the "
                                    f"base's context is {self.context_length} tokens): shorten them")
             # control tokens typed inside a message are text, never turn markers (no forged assistant turns)
-            return encode_chat(tok, prompt, add_generation_prompt=True).input_ids
+            try:
+                return encode_chat(tok, prompt, add_generation_prompt=True).input_ids
+            except (ValueError, StudioError) as exc:  # text the tokenizer cannot keep apart from its control tokens
+                raise RequestError(f"the messages cannot be encoded: {exc}") from None
         raise RequestError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
 
     def _prepare(self, prompts, adapters, params: SamplingParams) -> list[_Request]:

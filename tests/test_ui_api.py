@@ -155,6 +155,18 @@ def test_inspect_upload_shows_format_preview_and_errors(app, client, tmp_path):
     assert preview["data"] in ([], [["", "", "", "", ""]])
 
 
+def test_a_10mb_line_is_refused_by_the_inspect_handler_without_blowing_up(app, client, tmp_path):
+    """Issue 13: the inspect handler read, previewed and tokenized a 10 MB line (2.4 GB); now the per-record limit
+    refuses it before any of that."""
+    from gradio_client import handle_file
+
+    big = tmp_path / "one-huge-line.jsonl"
+    big.write_text(json.dumps({"instruction": "Summarise.", "output": "word " * 2_000_000}) + "\n")
+    report, preview, _ = client.predict(handle_file(str(big)), api_name="/inspect_file")
+    assert "cannot be used" in report and "per-record limit" in report
+    assert preview["data"] in ([], [["", "", "", "", ""]])
+
+
 def test_bad_upload_is_refused_and_registers_nothing(app, client, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
