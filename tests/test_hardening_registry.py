@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import sqlite3
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from studio.errors import RegistryError
 from studio.registry import AdapterRegistry
 from studio.registry.refs import parse_ref
 
-from registry_fixtures import REPO, adapter, cli_env, make_registry, registry, snapshot, studio_cli  # noqa: F401
+from registry_fixtures import adapter, cli_env, make_registry, registry, snapshot, studio_cli  # noqa: F401
 
 
 def catalog_rows(reg: AdapterRegistry):

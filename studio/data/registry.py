@@ -499,8 +499,8 @@ class DatasetRegistry:
             con.close()
         for v in self.list():
             try:
-                digest = content_hash(v._read("train"), v._read("eval"),
-                                      {k: val for k, val in v.split.items() if k not in ("eval_source", "eval_overlap")})
+                split = {k: val for k, val in v.split.items() if k not in ("eval_source", "eval_overlap")}
+                digest = content_hash(v._read("train"), v._read("eval"), split)
             except (DatasetError, OSError, ValueError, KeyError) as exc:
                 problems.append(f"{v.ref}: stored data unreadable ({exc})")
                 continue
