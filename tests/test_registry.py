@@ -302,7 +302,7 @@ def test_verify_detects_corruption_and_missing_blobs(registry, adapter):
     assert not report.ok and any("adapter_model.safetensors" in p and "hashes to" in p for p in report.problems)
     blob.unlink()
     assert any("missing" in p for p in registry.verify().problems)
-    with pytest.raises(RegistryError, match="re-pull"):
+    with pytest.raises(RegistryError, match="studio registry verify.*studio registry pull law@v1"):
         registry.path("law@v1")
 
 
