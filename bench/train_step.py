@@ -92,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a Qwen3-MoE config.json (e.g. studio/models/known_configs/Qwen--Qwen3-30B-A3B.json) whose "
                         "shape replaces --hidden/--experts/--top-k/--moe-intermediate/--head-dim; --layers still "
                         "sets the depth (a slice of the real model, random weights)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense peak for the compute dtype, for MFU (default: 989 on H100/H200 bf16)")
     p.add_argument("--sweep", action="store_true",
                    help="instead of one comparison: step time of each stack for experts 16/64/128 (same total and "
                         "active expert size) x tokens 512/2048, as a table")
@@ -190,7 +192,10 @@ def build_model_dir(args, out_dir: Path) -> dict:
         ref_loss = float(model(input_ids=ids, labels=ids).loss)
     model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer().save_pretrained(out_dir)
-    info = {"params": total, "expert_params": experts, "ref_loss": ref_loss, "vocab": config.vocab_size}
+    emb = model.get_input_embeddings().weight.numel()
+    active = total - emb - experts + experts * config.num_experts_per_tok // config.num_experts
+    info = {"params": total, "expert_params": experts, "ref_loss": ref_loss, "vocab": config.vocab_size,
+            "active_params": active}
     (out_dir / "bench_model.json").write_text(json.dumps(info))
     del model
     gc.collect()
@@ -658,6 +663,14 @@ def format_report(results: dict, model: dict, args, device, dtype) -> str:
         if "error" in r:
             lines.append(f"{s} stack FAILED: {r['error']}")
     lines.append(f"{'reference loss, unquantized fp32':<{w}}{model['ref_loss']:>16.4f}")
+    peak = args.peak_tflops or _default_peak_tflops(device, dtype)
+    if peak and "active_params" in model:
+        # model FLOPs utilisation on the active (per-token) parameters, the usual 6 * N * tokens per step
+        flops = 6 * model["active_params"] * args.batch_size * args.seq_len
+        lines.append(f"{'MFU on active params (6N/token)':<{w}}" + "".join(
+            f"{flops / r['step_s_median'] / (peak * 1e12) * 100:>15.1f}%" if s in ok else f"{'-':>16}"
+            for s, r in ((s, ok.get(s)) for s in shown)) + f"   (active params {model['active_params'] / 1e6:.0f}M, "
+                                                            f"peak {peak:g} TFLOP/s)")
     eager = ok.get("eager")
     if studio and eager and "error" not in studio:
         lines += ["", f"tokens/s studio (grouped) / studio eager loop = "
@@ -690,6 +703,51 @@ def format_report(results: dict, model: dict, args, device, dtype) -> str:
                              "memory peaks above are upper bounds by at most that much")
         if not all(r["peak_reset_ok"] for r in ok.values()):
             lines.append("note: the peak could not be reset after loading; training peaks include loading")
+    return "\n".join(lines)
+
+
+def _default_peak_tflops(device, dtype) -> float | None:
+    import torch
+
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return 989.0 if ("H100" in name or "H200" in name) else None
+
+
+SWEEP = [(16, 2, 768), (64, 8, 192), (128, 16, 96)]  # experts, top-k, expert intermediate: same total and active size
+SWEEP_TOKENS = [(2, 256), (2, 1024)]                  # batch x seq_len: 512 and 2048 tokens
+
+
+def run_sweep(args, device, dtype, tmp: Path) -> str:
+    """Median step time of each stack against the number of experts and the tokens per step."""
+    import copy
+
+    rows = []
+    for experts, top_k, inter in SWEEP:
+        a = copy.copy(args)
+        a.experts, a.top_k, a.moe_intermediate = experts, top_k, inter
+        model_dir = tmp / f"model-{experts}"
+        model_dir.mkdir()
+        build_model_dir(a, model_dir)
+        for batch, seq in SWEEP_TOKENS:
+            a.batch_size, a.seq_len = batch, seq
+            print(f"--- {experts} experts top-{top_k}, {batch * seq} tokens", flush=True)
+            res = {stack: run_child(stack, a, model_dir, device) for stack in args.stacks}
+            rows.append((experts, top_k, batch * seq, res))
+    shown = [s for s in STACKS if s in args.stacks]
+    head = f"{'experts':>8}{'top-k':>6}{'tokens':>8}" + "".join(f"{s + ' step s':>16}" for s in shown)
+    head += f"{'studio/plain':>14}{'studio/eager':>14}"
+    lines = ["step time (median, s) against experts and tokens; tokens/s ratios on the right", head]
+    for experts, top_k, tokens, res in rows:
+        cells = "".join(f"{res[s]['step_s_median']:>16.3f}" if "error" not in res[s] else f"{'FAILED':>16}"
+                        for s in shown)
+        ratio = []
+        for other in ("plain", "eager"):
+            a_, b_ = res.get("studio", {}), res.get(other, {})
+            ok = a_ and b_ and "error" not in a_ and "error" not in b_
+            ratio.append(f"{b_['step_s_median'] / a_['step_s_median']:.2f}x" if ok else "-")
+        lines.append(f"{experts:>8}{top_k:>6}{tokens:>8}{cells}{ratio[0]:>14}{ratio[1]:>14}")
     return "\n".join(lines)
 
 
@@ -752,6 +810,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-moe-") as tmp:
         # The studio keeps a fingerprint cache in its models cache: keep this run's out of the user's.
         os.environ.setdefault("STUDIO_MODELS_CACHE", str(Path(tmp) / "studio-cache"))
+        if args.sweep:
+            print(run_sweep(args, device, dtype, Path(tmp)))
+            return 0
         if args.model_dir:
             model_dir = Path(args.model_dir)
             model = json.loads((model_dir / "bench_model.json").read_text())

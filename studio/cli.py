@@ -52,9 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     except StudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the filesystem said no (full disk, read-only, permissions): say so, no traceback
+        print(f"error: {os_error_text(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_text(exc: OSError) -> str:
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    fix = {errno.ENOSPC: "free some space and retry", errno.EROFS: "this location is read-only; use a writable one",
+           errno.EACCES: "check the permissions", errno.EPERM: "check the permissions"}.get(exc.errno, "")
+    return f"{exc.strerror or exc}{where}" + (f": {fix}" if fix else "")
 
 
 if __name__ == "__main__":

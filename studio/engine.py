@@ -176,7 +176,7 @@ class Engine:
 
     def __init__(self, base: str = "tiny-moe", quant=None, device=None, registry=None, max_resident: int = 8,
                  max_batch_size: int = 8, max_wait_ms: float = 10.0, max_tokens_limit: int = 1024,
-                 allow_base_mismatch: bool = False):
+                 allow_base_mismatch: bool = False, max_prompt_chars: int | None = None):
         from studio.models.loading import QuantSpec, load_base
         from studio.registry import AdapterRegistry
 
@@ -194,6 +194,15 @@ class Engine:
         self.max_tokens_limit = max_tokens_limit
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.allow_base_mismatch = allow_base_mismatch
+        # a prompt longer than this many characters cannot fit the context whatever it says, so it is refused before
+        # tokenizing (tokenizing megabytes costs gigabytes): no token decodes to more characters than its longest
+        # vocabulary entry has (byte-level and sentencepiece vocabularies spell a token with one symbol per byte)
+        if max_prompt_chars is None:
+            longest = max((len(t) for t in self.tokenizer.get_vocab()), default=16)
+            max_prompt_chars = self.context_length * max(longest, 1)
+        if not isinstance(max_prompt_chars, int) or max_prompt_chars < 1:
+            raise StudioError(f"max_prompt_chars must be a positive integer, got {max_prompt_chars!r}")
+        self.max_prompt_chars = max_prompt_chars
         self.eos_ids = self._eos_ids()
         self.model_lock = threading.RLock()          # held for every forward pass and every adapter load/evict
         self._resident: collections.OrderedDict[str, _Adapter] = collections.OrderedDict()
@@ -335,9 +344,23 @@ class Engine:
         """Rows of the input embedding: the ids a token-id prompt or a logit_bias key may use."""
         return int(self.model.get_input_embeddings().num_embeddings)
 
+    def _check_text(self, text: str, what: str) -> None:
+        """Size and encoding before any tokenizer work: a prompt that cannot fit, or is not text, is refused."""
+        if len(text) > self.max_prompt_chars:
+            raise RequestError(f"{what} has {len(text):,} characters, over the limit of {self.max_prompt_chars:,} "
+                               f"(the base's context is {self.context_length} tokens): shorten it")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(f"{what} holds an unpaired surrogate ({text[exc.start]!a}) at character {exc.start}, "
+                               "which is not text") from None
+
     def _encode(self, prompt) -> list[int]:
+        from studio.data.chat import encode_chat
+
         tok = self.tokenizer
         if isinstance(prompt, str):
+            self._check_text(prompt, "the prompt")
             return tok(prompt, add_special_tokens=False)["input_ids"]
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             bad = [t for t in prompt if not 0 <= t < self.vocab_size]
@@ -350,10 +373,17 @@ class Engine:
                 if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                     raise RequestError(f"message {i} must be {{'role': 'system'|'user'|'assistant', 'content': "
                                        f"str}}, got {str(m)[:120]}")
+                self._check_text(m["content"], f"message {i}")
             if not prompt:
                 raise RequestError("messages is empty: send at least one user message")
-            ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            if sum(len(m["content"]) for m in prompt) > self.max_prompt_chars:
+                raise RequestError(f"the messages hold over {self.max_prompt_chars:,} characters together (the "
+                                   f"base's context is {self.context_length} tokens): shorten them")
+            # control tokens typed inside a message are text, never turn markers (no forged assistant turns)
+            try:
+                return encode_chat(tok, prompt, add_generation_prompt=True).input_ids
+            except (ValueError, StudioError) as exc:  # text the tokenizer cannot keep apart from its control tokens
+                raise RequestError(f"the messages cannot be encoded: {exc}") from None
         raise RequestError(f"a prompt must be a string, a list of chat messages or a non-empty list of token ids, "
                            f"got {type(prompt).__name__}")
 

@@ -36,6 +36,12 @@ API_KEY_ENV = "STUDIO_API_KEY"
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_COMPLETION_LOGPROBS = 5   # OpenAI's legacy completions limit for `logprobs`
 MAX_CHAT_TOP_LOGPROBS = 20    # OpenAI's chat limit for `top_logprobs`
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a request body; 4 MiB holds ~1M tokens of prompt text
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+# Request fields accepted and deliberately without effect on the output, as in OpenAI's API (`user` is an end-user id
+# for abuse monitoring). Every other field a handler does not read is refused with a 400 naming it, never ignored.
+PASSTHROUGH_FIELDS = {"user"}
 
 
 # --------------------------------------------------------------------------- errors
@@ -83,7 +89,7 @@ def _request_models():
         stream: bool = False
         stream_options: StreamOptions | None = None
         stop: str | list[str] | None = None
-        seed: int | None = None
+        seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
         # OpenAI's ranges; logit_bias keys are token ids as strings (JSON object keys), values in [-100, 100]
         logit_bias: dict[str, float] | None = None
         presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -112,6 +118,89 @@ def _request_models():
         lora_name: str = Field(min_length=1)
 
     return ChatRequest, CompletionRequest, LoadLora, UnloadLora
+
+
+def check_fields(body) -> None:
+    """Refuse what this server would otherwise silently ignore: unknown fields, and OpenAI parameters it cannot
+    honour (structured output, tools, suffix, best_of > 1). Values it can honour trivially pass."""
+    extra = dict(body.model_extra or {})
+    fmt = extra.pop("response_format", None)
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind in ("json_object", "json_schema"):
+            raise APIError(400, f"response_format type {kind!r} is not supported: this server does not constrain "
+                                "output to JSON; drop response_format or use {\"type\": \"text\"}",
+                           param="response_format")
+        if kind != "text" or set(fmt) != {"type"}:
+            raise APIError(400, f"invalid response_format {str(fmt)[:80]!r}: expected {{\"type\": \"text\"}} "
+                                "(json_object and json_schema are not supported)", param="response_format")
+    tools = extra.pop("tools", None)
+    if tools not in (None, []):
+        raise APIError(400, "tools are not supported by this server (no function calling); drop `tools`",
+                       param="tools")
+    choice = extra.pop("tool_choice", None)
+    if choice not in (None, "none"):
+        raise APIError(400, f"tool_choice={str(choice)[:60]!r} is not supported (no function calling); drop it or "
+                            "send \"none\"", param="tool_choice")
+    suffix = extra.pop("suffix", None)
+    if suffix not in (None, ""):
+        raise APIError(400, "suffix (insertion after the completion) is not supported; drop `suffix`",
+                       param="suffix")
+    best_of = extra.pop("best_of", None)
+    if best_of is not None and (isinstance(best_of, bool) or best_of != 1):
+        raise APIError(400, f"best_of={str(best_of)[:40]} is not supported: this server returns one candidate "
+                            "per prompt (best_of=1)", param="best_of")
+    unknown = sorted(k for k in extra if k not in PASSTHROUGH_FIELDS)
+    if unknown:
+        raise APIError(400, f"unknown or unsupported parameter(s): {', '.join(map(repr, unknown))[:200]}; this "
+                            "server does not ignore parameters silently: remove them", param=unknown[0][:64])
+
+
+def _bad_text(value) -> str | None:
+    """Why a string cannot be UTF-8 encoded (a lone surrogate such as "\\ud800" in JSON), else None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"holds an unpaired surrogate ({value[exc.start]!a}) at character {exc.start}, which is not text"
+    return None
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 before it is buffered: at once from its Content-Length, or,
+    for a chunked upload, as soon as the bytes received pass the limit. (FastAPI's own `max_body_size` answers the
+    Content-Length case in plain text, not in OpenAI's error shape.)"""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def message(self) -> str:
+        return (f"the request body is over this server's limit of {self.max_bytes:,} bytes; send a shorter prompt, "
+                "or start the server with a larger --max-body-bytes")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            from fastapi.responses import JSONResponse
+
+            err = APIError(413, self.message(), code="request_too_large")
+            return await JSONResponse(err.body(), status_code=413, headers={"connection": "close"})(
+                scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    from starlette.exceptions import HTTPException
+
+                    raise HTTPException(413, self.message())  # FastAPI re-raises it to the handler below
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -172,9 +261,12 @@ class Server:
     requests may name any version or alias of a served domain (all domains when `adapters` is None)."""
 
     def __init__(self, engine, adapters: list[str] | None = None, api_key: str | None = None,
-                 allowed_lora_roots: list[str] | None = None):
+                 allowed_lora_roots: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         from pathlib import Path
 
+        if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise StudioError(f"max_body_bytes must be a positive number of bytes, got {max_body_bytes!r}")
+        self.max_body_bytes = max_body_bytes
         self.engine = engine
         self.adapters = list(adapters or [])
         self.domains = {a.split("@", 1)[0] for a in self.adapters} if adapters else None
@@ -200,16 +292,21 @@ class Server:
             return self.lora_names[name]
         domain = name.split("@", 1)[0]
         if self.domains is not None and domain not in self.domains:
-            raise APIError(404, f"The model `{name}` does not exist: this server serves {self._served_text()}",
+            raise APIError(404, f"The model `{name[:200]}` does not exist: this server serves {self._served_text()}",
                            param="model", code="model_not_found")
         try:
             version = self.engine.resolve(name)
         except ModelError as exc:
             raise APIError(400, str(exc), param="model", code="model_incompatible") from exc
-        except RegistryError as exc:
-            raise APIError(404, f"The model `{name}` does not exist: {exc}", param="model",
-                           code="model_not_found") from exc
+        except RegistryError as exc:  # the registry's message already names the model and why it is not there
+            raise APIError(404, f"model not found: {exc}", param="model", code="model_not_found") from exc
         return version.ref if version else None
+
+    def model_label(self, requested: str | None, canonical: str | None) -> str:
+        """A bounded metrics label: an advertised name as requested, else the canonical version, else "other"."""
+        if requested in (self.engine.base_id, "base") or (requested and requested in self.adapters):
+            return requested
+        return canonical or ("other" if requested else "")
 
     def _served_text(self) -> str:
         names = [self.engine.base_id] + (self.adapters or ["any registry reference"])
@@ -249,6 +346,8 @@ class Server:
             raise APIError(400, f"n={req.n} is not supported: this server returns one choice per prompt (n=1)",
                            param="n")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        if stop and any(_bad_text(x) for x in stop):
+            raise APIError(400, "stop holds an unpaired surrogate, which is not text", param="stop")
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=req.top_k, seed=req.seed, stop=stop, logprobs=logprobs, prompt_logprobs=echo,
                               logit_bias=_logit_bias(req.logit_bias), presence_penalty=req.presence_penalty,
@@ -344,7 +443,10 @@ class Server:
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import Response
 
+        from starlette.exceptions import HTTPException
+
         app = FastAPI(title="MoE LoRA Studio", version="1")
+        app.add_middleware(BodyLimit, max_bytes=self.max_body_bytes)  # inside _count below, so 413s are counted
         server = self
         ChatRequest, CompletionRequest = self.ChatRequest, self.CompletionRequest
         LoadLora, UnloadLora = self.LoadLora, self.UnloadLora
@@ -353,27 +455,57 @@ class Server:
         async def _api_error(request: Request, exc: APIError):
             return _error_response(exc)
 
+        @app.exception_handler(HTTPException)
+        async def _http_error(request: Request, exc: HTTPException):
+            if exc.status_code == 413:
+                err = APIError(413, str(exc.detail), code="request_too_large")
+            elif exc.status_code == 404:
+                err = APIError(404, f"no such endpoint: {request.method} {request.url.path[:200]}; the API is "
+                                    "under /v1 (models, chat/completions, completions)", code="not_found")
+            elif exc.status_code == 405:
+                err = APIError(405, f"method {request.method} is not allowed on {request.url.path[:200]}",
+                               code="method_not_allowed")
+            else:
+                err = APIError(exc.status_code, str(exc.detail),
+                               type_="server_error" if exc.status_code >= 500 else "invalid_request_error")
+            return _error_response(err)
+
+        @app.exception_handler(Exception)
+        async def _unexpected(request: Request, exc: Exception):
+            # a bug, not a bad request: logged with its traceback here, answered without one
+            logger.exception("unhandled error serving %s %s", request.method, request.url.path)
+            return _error_response(APIError(500, f"internal error ({type(exc).__name__}); see the server log",
+                                            type_="server_error"))
+
         @app.exception_handler(RequestValidationError)
         async def _validation(request: Request, exc: RequestValidationError):
             parts = []
             param = None
             for e in exc.errors():
                 loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-                param = param or (".".join(loc) or None)
-                if e.get("type") == "json_invalid":
+                if e.get("type") == "json_invalid":  # loc is the character offset, not a parameter
                     ctx = e.get("ctx", {})
                     parts.append(f"the body is not valid JSON ({ctx.get('error', 'parse error')} at character "
                                  f"{loc[-1] if loc else '?'})")
                 else:
+                    param = param or (".".join(loc) or None)
                     parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
             return _error_response(APIError(400, "Invalid request: " + "; ".join(parts), param=param))
 
         @app.middleware("http")
         async def _count(request: Request, call_next):
-            response = await call_next(request)
-            if request.url.path.startswith("/v1/"):
-                server.metrics.requests.labels(request.url.path, getattr(request.state, "model", ""),
-                                               str(response.status_code)).inc()
+            # labels stay bounded: the matched route's template (never the raw path) and a known model name
+            try:
+                response = await call_next(request)
+                status = response.status_code
+            except Exception:
+                status = 500
+                raise
+            finally:
+                endpoint = _route_template(app, request.scope)
+                if endpoint != "/metrics":
+                    server.metrics.requests.labels(endpoint, getattr(request.state, "model_label", ""),
+                                                   str(status)).inc()
             return response
 
         @app.get("/health")
@@ -405,7 +537,7 @@ class Server:
             from fastapi.responses import PlainTextResponse
 
             server._check_auth(request)
-            request.state.model = body.lora_name
+            request.state.model_label = server.model_label(body.lora_name, None)
             ref = server.load_lora(body.lora_name, body.lora_path)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully ({ref}).")
 
@@ -414,19 +546,24 @@ class Server:
             from fastapi.responses import PlainTextResponse
 
             server._check_auth(request)
-            request.state.model = body.lora_name
+            request.state.model_label = server.model_label(body.lora_name, None)
             server.unload_lora(body.lora_name)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
         @app.post("/v1/chat/completions")
         def chat(body: ChatRequest, request: Request):
             server._check_auth(request)
+            request.state.model_label = server.model_label(body.model, None)
             adapter = server.resolve_model(body.model)
-            request.state.model = body.model
+            request.state.model_label = server.model_label(body.model, adapter or server.engine.base_id)
+            check_fields(body)
             if body.top_logprobs is not None and not body.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
             params = server._params(body, body.max_completion_tokens or body.max_tokens or 64,
                                     logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+            for i, m in enumerate(body.messages):
+                if (why := _bad_text(m.content)) is not None:
+                    raise APIError(400, f"messages[{i}].content {why}", param=f"messages.{i}.content")
             messages = [{"role": m.role, "content": m.content} for m in body.messages]
             if body.stream:
                 return server._stream("chat", body, messages, adapter, params)
@@ -441,8 +578,10 @@ class Server:
         @app.post("/v1/completions")
         def completions(body: CompletionRequest, request: Request):
             server._check_auth(request)
+            request.state.model_label = server.model_label(body.model, None)
             adapter = server.resolve_model(body.model)
-            request.state.model = body.model
+            request.state.model_label = server.model_label(body.model, adapter or server.engine.base_id)
+            check_fields(body)
             max_tokens = 16 if body.max_tokens is None else body.max_tokens
             if max_tokens == 0 and not body.echo:
                 raise APIError(400, "max_tokens=0 generates nothing; it is only useful with echo=true (to score the "
@@ -452,6 +591,9 @@ class Server:
             prompt = body.prompt
             # one prompt (text or token ids) or a batch of them
             prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+            for i, p in enumerate(prompts):
+                if isinstance(p, str) and (why := _bad_text(p)) is not None:
+                    raise APIError(400, f"prompt[{i}] {why}", param="prompt")
             if len(prompts) > MAX_PROMPTS:
                 raise APIError(400, f"{len(prompts)} prompts in one request; at most {MAX_PROMPTS}: split them "
                                     "over several requests", param="prompt")
@@ -613,6 +755,16 @@ class Server:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _route_template(app, scope) -> str:
+    """The path template of the route a request matched ("/v1/models/{model_id:path}"), or "other"."""
+    route = scope.get("route")
+    if route is None:  # answered before routing (a 413 from BodyLimit): match it here
+        from starlette.routing import Match
+
+        route = next((r for r in app.router.routes if r.matches(scope)[0] != Match.NONE), None)
+    return getattr(route, "path", None) or "other"
+
+
 def _epoch(stamp: str, default: int) -> int:
     from datetime import datetime
 
@@ -651,8 +803,8 @@ def _usage(results) -> dict:
 
 
 def create_app(engine, adapters: list[str] | None = None, api_key: str | None = None,
-               allowed_lora_roots: list[str] | None = None):
-    return Server(engine, adapters, api_key, allowed_lora_roots).app
+               allowed_lora_roots: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    return Server(engine, adapters, api_key, allowed_lora_roots, max_body_bytes).app
 
 
 class BackgroundServer:
@@ -710,6 +862,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long an idle engine waits to fill a batch")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body; bigger ones get 413 before they are read")
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longest prompt in characters, checked before tokenizing (default: the base's context "
+                        "times its longest token, i.e. only prompts that cannot fit are refused early)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); on small CPU machines 1 is often fastest for "
                         "decoding (see BENCHMARKS.md)")
@@ -739,12 +896,12 @@ def _serve(args) -> int:
     engine = Engine(args.base, QuantSpec(args.quant), args.device, registry=AdapterRegistry(args.registry),
                     max_resident=args.max_resident, max_batch_size=args.max_batch_size,
                     max_wait_ms=args.max_wait_ms, max_tokens_limit=args.max_tokens_limit,
-                    allow_base_mismatch=args.allow_base_mismatch)
+                    allow_base_mismatch=args.allow_base_mismatch, max_prompt_chars=args.max_prompt_chars)
     for ref in adapters:  # fail fast on a typo, and warm the cache
         loaded = engine.load(ref)
         print(f"serving {ref} -> {loaded}", flush=True)
     roots = [r.strip() for r in args.allowed_lora_roots.split(",") if r.strip()]
-    server = Server(engine, adapters, api_key, roots)
+    server = Server(engine, adapters, api_key, roots, max_body_bytes=args.max_body_bytes)
     print(f"studio serve: base {engine.base_id} on http://{args.host}:{args.port}/v1 "
           f"(models: {server._served_text()})", flush=True)
     try:

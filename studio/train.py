@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from studio.data.chat import encode_chat
 from studio.errors import DatasetError, ModelError
 from studio.moe.plan import LoraSettings
 
@@ -247,13 +248,25 @@ def _interactive() -> bool:
     return sys.stderr.isatty()
 
 
+def _tokenized(rows, tokenizer) -> list[dict]:
+    """Rows as input_ids + assistant_masks, encoded by the one chat encoder (control tokens typed inside a message
+    are text, as at inference), so SFTTrainer trains on exactly what the engine would feed the model."""
+    from studio.eval.heldout import training_chat_template
+
+    template = training_chat_template(tokenizer)
+    out = []
+    for messages in rows:
+        enc = encode_chat(tokenizer, messages, chat_template=template, assistant_mask=True)
+        out.append({"input_ids": enc.input_ids, "assistant_masks": enc.assistant_masks})
+    return out
+
+
 def _filter_rows(rows, tokenizer, seq_len: int):
     """Drop examples whose prompt alone fills the sequence (no assistant token would be trained)."""
     kept, dropped = [], 0
     for messages in rows:
         last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        prompt_ids = _token_ids(tokenizer.apply_chat_template(messages[:last_assistant], add_generation_prompt=True,
-                                                               tokenize=True))
+        prompt_ids = encode_chat(tokenizer, messages[:last_assistant], add_generation_prompt=True).input_ids
         if len(prompt_ids) < seq_len - 1:
             kept.append(messages)
         else:
@@ -382,9 +395,10 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
         learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, max_length=cfg.seq_len, packing=cfg.packing,
+        # the rows come tokenized with their assistant masks (see _tokenized): TRL builds the labels from the masks.
         # transformers 5.23 renamed gradient_checkpointing* (the old names warn with a FutureWarning; TRL's
         # SFTConfig sets the old one by default, so the new ones must be given explicitly)
-        assistant_only_loss=True, activation_checkpointing=cfg.grad_checkpointing,
+        assistant_only_loss=False, activation_checkpointing=cfg.grad_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False}, bf16=use_bf16,
         use_cpu=device.type == "cpu", lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, logging_steps=cfg.logging_steps,
@@ -394,8 +408,8 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
         disable_tqdm=not _interactive(), ddp_find_unused_parameters=False,
     )
     trainer_cls = _build_trainer_class()
-    train_ds = Dataset.from_list([{"messages": m} for m in p["train_rows"]])
-    eval_ds = Dataset.from_list([{"messages": m} for m in p["eval_rows"]]) if p["eval_rows"] else None
+    train_ds = Dataset.from_list(_tokenized(p["train_rows"], loaded.tokenizer))
+    eval_ds = Dataset.from_list(_tokenized(p["eval_rows"], loaded.tokenizer)) if p["eval_rows"] else None
     with _Cancel(cfg.cancel_file) as cancel:
         trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                               processing_class=loaded.tokenizer,

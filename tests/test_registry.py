@@ -131,7 +131,7 @@ def test_bad_references_name_problem_and_fix(registry, adapter, ref, pattern):
 
 
 def test_unknown_remote_lists_remotes(registry, tmp_path):
-    registry.remote_add("backup", str(tmp_path / "remote"))
+    registry.remote_add("backup", str(tmp_path / "remote"), create=True)
     with pytest.raises(RegistryError,
                        match=r"unknown remote 'origin' \(remotes: backup \(file://.*remote add NAME URL"):
         registry.pull("law", "origin")
@@ -302,7 +302,7 @@ def test_verify_detects_corruption_and_missing_blobs(registry, adapter):
     assert not report.ok and any("adapter_model.safetensors" in p and "hashes to" in p for p in report.problems)
     blob.unlink()
     assert any("missing" in p for p in registry.verify().problems)
-    with pytest.raises(RegistryError, match="re-pull"):
+    with pytest.raises(RegistryError, match="studio registry verify.*studio registry pull law@v1"):
         registry.path("law@v1")
 
 

@@ -104,11 +104,11 @@ def test_sigkill_during_pull_leaves_nothing_visible(tmp_path, adapter, point):
     a = AdapterRegistry(tmp_path / "a")
     v = a.register(adapter(seed=1))
     a.promote("law@v1", "prod")
-    a.remote_add("origin", url)
+    a.remote_add("origin", url, create=True)
     a.push("law@prod")
     b = AdapterRegistry(tmp_path / "b")
     b.register(adapter(seed=2, domain="code"))
-    b.remote_add("origin", url)
+    b.remote_add("origin", url, create=True)
     before = snapshot(b.root) if point == "pull:blob-staged" else None
     kill_at(point, "--root", str(b.root), "pull", "law@prod")
     assert b.domains() == ["code"] and b.verify().ok
@@ -129,11 +129,11 @@ def test_sigkill_during_push_publishes_nothing_then_resumes(tmp_path, adapter):
     url = (tmp_path / "remote").as_uri()
     a = AdapterRegistry(tmp_path / "a")
     v = a.register(adapter(seed=1))
-    a.remote_add("origin", url)
+    a.remote_add("origin", url, create=True)
     kill_at("push:blobs-uploaded", "--root", str(a.root), "push", "law@v1")
     assert (tmp_path / "remote" / "blobs").is_dir() and not (tmp_path / "remote" / "law").exists()
     b = AdapterRegistry(tmp_path / "b")
-    b.remote_add("origin", url)
+    b.remote_add("origin", url, create=True)
     with pytest.raises(Exception, match="has no versions of 'law'"):
         b.pull("law")
     r = studio_cli("--root", str(a.root), "--json", "push", "law@v1")

@@ -41,7 +41,7 @@ def test_push_pull_round_trip_is_byte_identical(make_registry, adapter, remote_s
     a.register(src2, parent="law@v1", tags=["best"])
     a.promote("law@v2", "prod")
     a.append_metrics("law@v2", {"perplexity": 3.25}, source="eval-heldout")
-    a.remote_add("origin", url, **opts)
+    a.remote_add("origin", url, create=True, **opts)
     result = a.push("law@prod")
     assert result["version"] == "created" and result["alias"]["status"] == "moved" and result["metrics"] == 1
     assert a.push("law@v1")["version"] == "created"
@@ -54,7 +54,7 @@ def test_push_pull_round_trip_is_byte_identical(make_registry, adapter, remote_s
     assert json.loads(fs.cat_file(f"{base}/law/aliases/prod/0000000001.json"))["number"] == 2
 
     b = make_registry("b")  # empty registry on "another machine"
-    b.remote_add("origin", url, **opts)
+    b.remote_add("origin", url, create=True, **opts)
     got = b.pull("law@prod")
     assert (got.ref, got.sha, got.aliases) == ("law@v2", v2.sha, ["prod"])
     assert b._manifest_bytes(got) == a._manifest_bytes(v2)
@@ -75,7 +75,7 @@ def test_push_and_pull_are_idempotent(make_registry, adapter, remote_spec):
     a, b = make_registry("a"), make_registry("b")
     a.register(adapter(seed=1))
     for reg in (a, b):
-        reg.remote_add("origin", url, **opts)
+        reg.remote_add("origin", url, create=True, **opts)
     assert a.push("law@v1")["version"] == "created"
     assert a.push("law@v1")["version"] == "present"
     first = b.pull("law@v1")
@@ -89,10 +89,10 @@ def test_corrupted_remote_blob_fails_pull_and_leaves_local_unchanged(make_regist
     url, opts = remote_spec
     a, b = make_registry("a"), make_registry("b")
     v = a.register(adapter(seed=1))
-    a.remote_add("origin", url, **opts)
+    a.remote_add("origin", url, create=True, **opts)
     a.push("law@v1")
     b.register(adapter(seed=5, domain="medicine"))
-    b.remote_add("origin", url, **opts)
+    b.remote_add("origin", url, create=True, **opts)
     fs, base = _remote_fs(b)
     weights = next(f for f in v.files if f["path"] == "adapter_model.safetensors")
     blob = f"{base}/blobs/sha256/{weights['sha256']}"
@@ -119,7 +119,7 @@ def test_missing_remote_blob_is_a_clear_error(make_registry, adapter, tmp_path):
     v = a.register(adapter(seed=1))
     url = (tmp_path / "remote").as_uri()
     for reg in (a, b):
-        reg.remote_add("origin", url)
+        reg.remote_add("origin", url, create=True)
     a.push("law")
     (tmp_path / "remote" / "blobs" / "sha256" / v.files[0]["sha256"]).unlink()
     with pytest.raises(RegistryError, match=r"remote 'origin' lacks blob .* of law@v1.*push law@v1 again"):
@@ -132,7 +132,7 @@ def test_corrupt_remote_manifest_is_refused(make_registry, adapter, tmp_path):
     a.register(adapter(seed=1))
     url = (tmp_path / "remote").as_uri()
     for reg in (a, b):
-        reg.remote_add("origin", url)
+        reg.remote_add("origin", url, create=True)
     a.push("law@v1")
     (tmp_path / "remote" / "law" / "versions" / "v1.json").write_text('{"format": "nope"')
     with pytest.raises(RegistryError, match=r"manifest law@v1 on remote 'origin' is corrupt"):
@@ -146,7 +146,7 @@ def test_same_number_different_content_is_refused_not_overwritten(make_registry,
     va, vb = a.register(adapter(seed=1)), b.register(adapter(seed=2))
     assert va.ref == vb.ref == "law@v1"
     for reg in (a, b):
-        reg.remote_add("origin", url, **opts)
+        reg.remote_add("origin", url, create=True, **opts)
     # both push at once: exactly one wins the version number, the other gets a conflict
     errors, barrier = [], threading.Barrier(2)
 
@@ -175,7 +175,7 @@ def test_concurrent_pushes_of_different_versions_do_not_clobber(make_registry, a
     url, opts = remote_spec
     a, b = make_registry("a"), make_registry("b")
     for reg in (a, b):
-        reg.remote_add("origin", url, **opts)
+        reg.remote_add("origin", url, create=True, **opts)
     a.register(adapter(seed=1))
     a.push("law@v1")
     b.pull("law@v1")
@@ -197,7 +197,7 @@ def test_concurrent_pushes_of_different_versions_do_not_clobber(make_registry, a
         t.join()
     assert results == {"a": "created", "b": "created"}
     c = make_registry("c")
-    c.remote_add("origin", url, **opts)
+    c.remote_add("origin", url, create=True, **opts)
     stats = c.sync()
     assert stats["pulled"] == ["law@v1", "law@v2", "law@v3"] and not stats["conflicts"]
     assert c.resolve("law@v2").sha == a.resolve("law@v2").sha
@@ -209,7 +209,7 @@ def test_remote_alias_move_detects_concurrent_move(make_registry, adapter, remot
     url, opts = remote_spec
     a, b = make_registry("a"), make_registry("b")
     for reg in (a, b):
-        reg.remote_add("origin", url, **opts)
+        reg.remote_add("origin", url, create=True, **opts)
     for seed in (1, 2, 3):
         a.register(adapter(seed=seed))
         a.push(f"law@v{seed}")
@@ -238,7 +238,7 @@ def test_sync_exchanges_versions_metrics_and_aliases(make_registry, adapter, tmp
     url = (tmp_path / "remote").as_uri()
     a, b = make_registry("a"), make_registry("b")
     for reg in (a, b):
-        reg.remote_add("origin", url)
+        reg.remote_add("origin", url, create=True)
     a.register(adapter(seed=1))
     a.register(adapter(seed=2))
     a.promote("law@v2", "prod")
@@ -279,7 +279,7 @@ def test_remote_errors_name_the_fix(registry, adapter, tmp_path, monkeypatch):
         registry.remote_add("x", "nosuch://foo")
     with pytest.raises(RegistryError, match="invalid remote name"):
         registry.remote_add("../evil", (tmp_path / "evil").as_uri())
-    registry.remote_add("origin", (tmp_path / "remote").as_uri())
+    registry.remote_add("origin", (tmp_path / "remote").as_uri(), create=True)
     with pytest.raises(RegistryError, match="already exists"):
         registry.remote_add("origin", (tmp_path / "other").as_uri())
     with pytest.raises(RegistryError, match=r"remote 'origin' .* has no versions of 'law' \(domains there: none\)"):

@@ -155,12 +155,25 @@ def test_inspect_upload_shows_format_preview_and_errors(app, client, tmp_path):
     assert preview["data"] in ([], [["", "", "", "", ""]])
 
 
+def test_a_10mb_line_is_refused_by_the_inspect_handler_without_blowing_up(app, client, tmp_path):
+    """Issue 13: the inspect handler read, previewed and tokenized a 10 MB line (2.4 GB); now the per-record limit
+    refuses it before any of that."""
+    from gradio_client import handle_file
+
+    big = tmp_path / "one-huge-line.jsonl"
+    big.write_text(json.dumps({"instruction": "Summarise.", "output": "word " * 2_000_000}) + "\n")
+    report, preview, _ = client.predict(handle_file(str(big)), api_name="/inspect_file")
+    assert "cannot be used" in report and "per-record limit" in report
+    assert preview["data"] in ([], [["", "", "", "", ""]])
+
+
 def test_bad_upload_is_refused_and_registers_nothing(app, client, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
     before_ds = client.predict(api_name="/list_datasets")["data"]
     before_jobs = client.predict(api_name="/list_jobs")["data"]
+    log_start = (app["root"] / "app.log").stat().st_size
     with pytest.raises(AppError, match=r"broken\.jsonl: line 2, column \d+: invalid JSON"):
         client.predict(file=handle_file(str(write_bad(tmp_path / "broken.jsonl"))), name="broken", **TRAIN,
                        api_name="/start_training")
@@ -173,6 +186,9 @@ def test_bad_upload_is_refused_and_registers_nothing(app, client, tmp_path):
     assert client.predict(api_name="/list_datasets")["data"] == before_ds
     assert [r[0] for r in client.predict(api_name="/list_jobs")["data"]] == [r[0] for r in before_jobs]
     assert client.predict(api_name="/plan")["plan"].startswith("LoRA plan")  # and the app still answers
+    with open(app["root"] / "app.log", "rb") as f:  # ordinary bad input: a message for the user, no log traceback
+        f.seek(log_start)
+        assert b"Traceback" not in f.read()
 
 
 def test_plan_shows_the_lora_plan_and_memory_estimates(client):
@@ -252,7 +268,7 @@ def test_registry_details_promote_rollback_push_pull_diff(app, client, tmp_path)
     with pytest.raises(AppError, match="no alias or version named 'nope'"):
         client.predict("contracts@nope", "prod", api_name="/promote")
     remote = tmp_path / "remote"
-    msg, remotes_md, _ = client.predict("origin", remote.as_uri(), api_name="/add_remote")
+    msg, remotes_md, _ = client.predict("origin", remote.as_uri(), True, api_name="/add_remote")
     assert "Remote **origin** added" in msg and "origin" in remotes_md
     assert "Pushed **contracts@v1** to origin" in client.predict("contracts@prod", "origin", api_name="/push")
     assert any(remote.rglob("*"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 
 from pathlib import Path
 
@@ -25,6 +27,8 @@ def register(subparsers) -> None:
     add.add_argument("--seed", type=int, default=0, help="seed of the deterministic split (default 0)")
     add.add_argument("--on-empty-assistant", choices=("drop", "error"), default="drop",
                      help="rows with an empty assistant turn: drop and count them (default) or fail")
+    add.add_argument("--allow-system-file", action="store_true",
+                     help="read a file under /etc, /proc, /sys, /dev ... (refused by default)")
     add.add_argument("--json", action="store_true", help="print the version as JSON")
     add.set_defaults(func=_add)
 
@@ -42,11 +46,14 @@ def register(subparsers) -> None:
     insp = sub.add_parser("inspect", help="detect a file's format and preview it without registering")
     insp.add_argument("file", help="the dataset file")
     insp.add_argument("--rows", type=int, default=3, help="rows to preview (default 3)")
+    insp.add_argument("--allow-system-file", action="store_true",
+                      help="read a file under /etc, /proc, /sys, /dev ... (refused by default)")
     insp.add_argument("--json", action="store_true", help="print JSON")
     insp.set_defaults(func=_inspect)
 
     rm = sub.add_parser("rm", help="remove `law@v2` (one version) or `law` (all its versions)")
     rm.add_argument("ref", help="dataset reference")
+    rm.add_argument("--force", action="store_true", help="remove it even if adapters were trained on it")
     rm.set_defaults(func=_rm)
 
 
@@ -69,11 +76,16 @@ def _describe(v) -> str:
 
 
 def _add(args) -> int:
-    reg = DatasetRegistry()
-    name = args.name or sanitise_name(Path(args.file).stem)
+    reg = DatasetRegistry(allow_system_files=args.allow_system_file)
+    # an explicit --name "" is a mistake to report, not a request for the default
+    name = args.name if args.name is not None else sanitise_name(Path(args.file).stem)
     before = {v.hash for v in reg.versions(name)}
-    v = reg.add(args.file, name, eval_path=args.eval_file, eval_ratio=args.eval_ratio, seed=args.seed,
-                on_empty_assistant=args.on_empty_assistant)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        v = reg.add(args.file, name, eval_path=args.eval_file, eval_ratio=args.eval_ratio, seed=args.seed,
+                    on_empty_assistant=args.on_empty_assistant)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     if args.json:
         _print_json(v.to_dict())
     else:
@@ -118,12 +130,14 @@ def _show(args) -> int:
         for split, t in stats["tokens"].items():
             print(f"tokens/{split}: min {t['min']}, median {t['median']}, max {t['max']}, total {t['total']} "
                   f"({stats['tokenizer']})")
+        if stats.get("estimated_rows"):
+            print(f"token counts of {stats['estimated_rows']} very long row(s) are estimated from samples")
     _print_rows(rows)
     return 0
 
 
 def _inspect(args) -> int:
-    info = inspect_file(args.file, n=args.rows)
+    info = inspect_file(args.file, n=args.rows, allow_system_files=args.allow_system_file)
     if args.json:
         _print_json(info)
     else:
@@ -138,7 +152,7 @@ def _inspect(args) -> int:
 
 
 def _rm(args) -> int:
-    removed = DatasetRegistry().remove(args.ref)
+    removed = DatasetRegistry().remove(args.ref, force=args.force)
     for v in removed:
         print(f"removed {v.ref} ({v.hash[:12]})")
     return 0

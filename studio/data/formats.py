@@ -19,8 +19,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,13 @@ from studio.errors import DatasetError
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_BYTES_ENV = "STUDIO_DATASET_MAX_BYTES"
+# One record (a JSONL line, a JSON list item, a CSV row, a text paragraph): a chat example is kilobytes; a record of
+# megabytes is a mistake (a file pasted into one cell) that would cost gigabytes to tokenize and preview.
+DEFAULT_MAX_RECORD_BYTES = 8 * 1024 * 1024
+MAX_RECORD_BYTES_ENV = "STUDIO_DATASET_MAX_RECORD_BYTES"
+# Files a dataset never comes from: reading them would leak system data into a catalog (a symlink to /etc/shadow).
+SYSTEM_DIRS = ("/etc", "/proc", "/sys", "/dev", "/boot", "/root", "/run", "/var/run", "/var/log", "/var/lib")
+PREVIEW_CHARS = 2000  # characters of a message shown in previews
 
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv",
                 ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".md": "text", ".text": "text"}
@@ -76,24 +85,45 @@ class LoadResult:
 # reading bytes -> records
 
 
-def max_bytes_from_env(default: int = DEFAULT_MAX_BYTES) -> int:
-    raw = os.environ.get(MAX_BYTES_ENV)
+def max_bytes_from_env(default: int = DEFAULT_MAX_BYTES, env: str = MAX_BYTES_ENV) -> int:
+    raw = os.environ.get(env)
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise DatasetError(f"{MAX_BYTES_ENV}={raw!r} is not an integer number of bytes") from None
+        raise DatasetError(f"{env}={raw!r} is not an integer number of bytes") from None
     if value <= 0:
-        raise DatasetError(f"{MAX_BYTES_ENV} must be a positive number of bytes, got {value}")
+        raise DatasetError(f"{env} must be a positive number of bytes, got {value}")
     return value
 
 
-def _check_size(path: Path, max_bytes: int) -> int:
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file")
-    if not path.is_file():
-        raise DatasetError(f"{path}: not a regular file")
+def max_record_bytes_from_env() -> int:
+    return max_bytes_from_env(DEFAULT_MAX_RECORD_BYTES, MAX_RECORD_BYTES_ENV)
+
+
+def _check_source(path: Path, allow_system_files: bool) -> None:
+    """Refuse device files, FIFOs and sockets always, and files under system directories (also through a symlink)
+    unless `allow_system_files`."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
+        raise DatasetError(f"{path}: not a regular file ({kind}); give a dataset file")
+    real = os.path.realpath(path)
+    system = next((d for d in SYSTEM_DIRS if real == d or real.startswith(d + "/")), None)
+    if system and not allow_system_files:
+        via = f" (a link to {real})" if real != os.path.abspath(path) else ""
+        raise DatasetError(f"{path}{via} is a system file under {system}, not a dataset; copy the data elsewhere, "
+                           "or pass --allow-system-file (allow_system_files=True) if you really mean it")
+
+
+def _check_size(path: Path, max_bytes: int, allow_system_files: bool = False) -> int:
+    _check_source(path, allow_system_files)
     size = path.stat().st_size
     if size > max_bytes:
         raise DatasetError(
@@ -121,10 +151,11 @@ def _decode(path: Path, data: bytes) -> str:
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DatasetError(f"{path}: the file is UTF-16 encoded; re-encode it as UTF-8 "
                            f"(e.g. `iconv -f UTF-16 -t UTF-8`)")
-    nul = data.find(b"\x00", 0, 8192)
+    nul = data.find(b"\x00")  # anywhere: a NUL is never text, and stored data must not carry one
     if nul != -1:
-        raise DatasetError(f"{path}: looks like a binary file (NUL byte at offset {nul}), not UTF-8 text; "
-                           f"expected {_expected_for(path)}")
+        line = data.count(b"\n", 0, nul) + 1
+        raise DatasetError(f"{path}: NUL byte at offset {nul} (line {line}): a binary file or a corrupt line, not "
+                           f"UTF-8 text; remove it. Expected {_expected_for(path)}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -150,18 +181,43 @@ def _sniff_kind(path: Path, data: bytes) -> str:
     return {b"[": "json", b"{": "jsonl"}.get(head, "text")
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (use null or a quoted string)")
+
+
+def _loads(text: str, path: Path, where: str):
+    """json.loads for untrusted input: NaN/Infinity, absurd nesting and 5000-digit numbers become DatasetErrors
+    naming the place (json.JSONDecodeError passes through for the callers' line/column messages)."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise DatasetError(f"{path}: {where}: JSON nested too deeply to be a dataset record; flatten it") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer over Python's digit limit
+        raise DatasetError(f"{path}: {where}: unusable JSON value ({exc}); write it as a string") from None
+
+
+def _check_record_size(path: Path, where: str, size: int, limit: int) -> None:
+    if size > limit:
+        raise DatasetError(f"{path}: {where}: the record is {size:,} bytes, over the per-record limit of {limit:,}; "
+                           f"split it, or raise the limit with DatasetRegistry(max_record_bytes=...) or the "
+                           f"{MAX_RECORD_BYTES_ENV} environment variable")
+
+
 def _json_error(path: Path, exc: json.JSONDecodeError, line: int | None = None) -> DatasetError:
     where = f"line {line}, column {exc.colno}" if line is not None else f"line {exc.lineno}, column {exc.colno}"
     return DatasetError(f"{path}: {where}: invalid JSON ({exc.msg})")
 
 
-def _read_jsonl(path: Path, text: str) -> list[tuple[str, object]]:
+def _read_jsonl(path: Path, text: str, max_record: int) -> list[tuple[str, object]]:
     records = []
     for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        _check_record_size(path, f"line {i}", len(line), max_record)  # characters: a lower bound on bytes
         try:
-            obj = json.loads(line)
+            obj = _loads(line, path, f"line {i}")
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{path}: line {i}, column {exc.colno}: invalid JSON ({exc.msg}); "
                                f"expected one JSON object per line") from None
@@ -169,12 +225,12 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[str, object]]:
     return records
 
 
-def _read_json(path: Path, text: str) -> tuple[str, list[tuple[str, object]]]:
+def _read_json(path: Path, text: str, max_record: int) -> tuple[str, list[tuple[str, object]]]:
     try:
-        obj = json.loads(text)
+        obj = _loads(text, path, "the document")
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):
-            return "jsonl", _read_jsonl(path, text)  # JSON Lines saved with a .json name
+            return "jsonl", _read_jsonl(path, text, max_record)  # JSON Lines saved with a .json name
         raise DatasetError(f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg}); "
                            f"expected a JSON list of records") from None
     if isinstance(obj, dict):
@@ -184,10 +240,13 @@ def _read_json(path: Path, text: str) -> tuple[str, list[tuple[str, object]]]:
     if not isinstance(obj, list):
         raise DatasetError(f"{path}: the JSON top level is a {type(obj).__name__}, not a list of records; "
                            f"expected [{{...}}, {{...}}] where each record has " + EXPECTED_FORMATS)
+    if len(text) > max_record:  # only then can one record be over the limit: measure each
+        for i, r in enumerate(obj, start=1):
+            _check_record_size(path, f"record {i}", len(json.dumps(r, ensure_ascii=False)), max_record)
     return "json", [(f"record {i}", r) for i, r in enumerate(obj, start=1)]
 
 
-def _read_csv(path: Path, text: str) -> list[tuple[str, object]]:
+def _read_csv(path: Path, text: str, max_record: int) -> list[tuple[str, object]]:
     header = text.lstrip("\n").split("\n", 1)[0]
     delimiter = "\t" if path.suffix.lower() == ".tsv" else max(",\t;", key=header.count)
     csv.field_size_limit(2**31 - 1)
@@ -201,6 +260,7 @@ def _read_csv(path: Path, text: str) -> list[tuple[str, object]]:
             if columns is None:
                 columns = [c.strip().lower() for c in row]
                 continue
+            _check_record_size(path, f"line {reader.line_num}", sum(map(len, row)), max_record)
             record = {c: (row[j] if j < len(row) else "") for j, c in enumerate(columns) if c}
             rows.append((f"line {reader.line_num}", record))
     except csv.Error as exc:
@@ -234,34 +294,41 @@ def _read_parquet(path: Path) -> list[tuple[str, object]]:
     return [(f"row {i}", r) for i, r in enumerate(table.to_pylist(), start=1)]
 
 
-def _read_text(text: str) -> list[tuple[str, object]]:
+def _read_text(path: Path, text: str, max_record: int) -> list[tuple[str, object]]:
     records = []
     line = 1
     for block in re.split(r"(\n[ \t\r\f\v]*\n)", text):
         if block.strip() and not re.fullmatch(r"\n[ \t\r\f\v]*\n", block):
             lead = len(block) - len(block.lstrip("\n"))
+            _check_record_size(path, f"line {line + lead}", len(block), max_record)
             records.append((f"line {line + lead}", {"text": block}))
         line += block.count("\n")
     return records
 
 
-def read_records(path: str | Path, max_bytes: int | None = None) -> tuple[str, list[tuple[str, object]]]:
+def read_records(path: str | Path, max_bytes: int | None = None, max_record_bytes: int | None = None,
+                 allow_system_files: bool = False) -> tuple[str, list[tuple[str, object]]]:
     """(file format, [(where, record)]) for a file; raises DatasetError naming file, line and fix."""
     path = Path(path)
     max_bytes = max_bytes_from_env() if max_bytes is None else max_bytes
-    _check_size(path, max_bytes)
-    data = path.read_bytes()
+    max_record = max_record_bytes_from_env() if max_record_bytes is None else max_record_bytes
+    _check_size(path, max_bytes, allow_system_files)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc.strerror})") from None
     kind = _sniff_kind(path, data)
     if kind == "parquet":
         return kind, _read_parquet(path)
     text = _decode(path, data)
+    del data
     if kind == "jsonl":
-        return kind, _read_jsonl(path, text)
+        return kind, _read_jsonl(path, text, max_record)
     if kind == "json":
-        return _read_json(path, text)
+        return _read_json(path, text, max_record)
     if kind == "csv":
-        return kind, _read_csv(path, text)
-    return "text", _read_text(text)
+        return kind, _read_csv(path, text, max_record)
+    return "text", _read_text(path, text, max_record)
 
 
 # -----------------------------------------------------------------------------
@@ -292,6 +359,8 @@ def _text(value, path: Path, where: str, what: str) -> str:
         return ""
     if isinstance(value, str):
         return value.strip()
+    if isinstance(value, float) and not math.isfinite(value):  # Parquet/CSV NaN: a missing value, not the text "nan"
+        raise DatasetError(f"{path}: {where}: {what} is {value}, not text; fill it in or drop the row")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
@@ -303,7 +372,7 @@ def _turns(value, path: Path, where: str, key: str) -> list[tuple[str, str]]:
     """(raw role, content) pairs of a messages / conversations list; tolerant of either key pair."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)  # CSV cells holding a JSON list
+            value = _loads(value, path, where)  # CSV cells holding a JSON list
         except json.JSONDecodeError:
             pass
     if not isinstance(value, list):
@@ -380,13 +449,14 @@ def check_turns(fmt: str, turns: list[tuple[str, str]]) -> tuple[Messages | None
     return messages, None
 
 
-def load_file(path: str | Path, max_bytes: int | None = None, on_empty_assistant: str = "drop") -> LoadResult:
+def load_file(path: str | Path, max_bytes: int | None = None, on_empty_assistant: str = "drop",
+              max_record_bytes: int | None = None, allow_system_files: bool = False) -> LoadResult:
     """Read, detect and normalise a file. Raises DatasetError for unusable files or (with
     on_empty_assistant="error") the first row whose assistant turn is empty."""
     if on_empty_assistant not in ("drop", "error"):
         raise DatasetError(f"on_empty_assistant must be 'drop' or 'error', got {on_empty_assistant!r}")
     path = Path(path)
-    file_format, records = read_records(path, max_bytes)
+    file_format, records = read_records(path, max_bytes, max_record_bytes, allow_system_files)
     if not records:
         raise DatasetError(f"{path}: contains no records; expected {_expected_for(path)}")
     where0, first = records[0]
@@ -413,17 +483,30 @@ def load_file(path: str | Path, max_bytes: int | None = None, on_empty_assistant
     return result
 
 
-def inspect_file(path: str | Path, n: int = 5, max_bytes: int | None = None) -> dict:
-    """What a file holds, without registering it: format, rows, a preview, and errors (never raises
-    for a bad file: the message is in `errors`)."""
+def truncate_row(messages: Messages, max_chars: int = PREVIEW_CHARS) -> Messages:
+    """A row for display: each message's content cut to `max_chars`, saying how much was left out."""
+    out = []
+    for m in messages:
+        c = m["content"]
+        if len(c) > max_chars:
+            c = c[:max_chars] + f" ... [{len(c) - max_chars:,} more characters]"
+        out.append({**m, "content": c})
+    return out
+
+
+def inspect_file(path: str | Path, n: int = 5, max_bytes: int | None = None, max_record_bytes: int | None = None,
+                 allow_system_files: bool = False) -> dict:
+    """What a file holds, without registering it: format, rows, a preview (messages cut to PREVIEW_CHARS), and
+    errors (never raises for a bad file: the message is in `errors`)."""
     path = Path(path)
     info = {"path": str(path), "file_format": None, "format": None, "rows": 0, "dropped": {},
             "preview": [], "errors": []}
     try:
-        res = load_file(path, max_bytes=max_bytes)
+        res = load_file(path, max_bytes=max_bytes, max_record_bytes=max_record_bytes,
+                        allow_system_files=allow_system_files)
     except DatasetError as exc:
         info["errors"].append(str(exc))
         return info
     info.update(file_format=res.file_format, format=res.format, rows=len(res.rows),
-                dropped=dict(res.dropped), preview=res.rows[:n])
+                dropped=dict(res.dropped), preview=[truncate_row(r) for r in res.rows[:n]])
     return info

@@ -17,6 +17,7 @@ import sqlite3
 import statistics
 import tempfile
 import uuid
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,12 @@ SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MAX_NAME_LEN = 100
 MIN_HASH_PREFIX = 6
+MAX_VERSION = 2**63 - 1  # SQLite's INTEGER range
+STATS_CHUNK_CHARS = 32768  # token statistics tokenize a long row in windows of this size (bounded memory)
+# A message longer than this gets an estimated token count: tokenizers run at ~1 MB/s on a small CPU, so counting
+# a 50 MB row exactly would take a minute; STATS_SAMPLE_WINDOWS evenly spaced windows give the tokens per character.
+STATS_EXACT_CHARS = 1 << 20
+STATS_SAMPLE_WINDOWS = 16
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -88,6 +95,18 @@ class DatasetVersion:
                 if line.strip():
                     rows.append(json.loads(line)["messages"])
         return rows
+
+    def iter_rows(self, split: str = "train"):
+        """The rows of a split, one at a time (statistics over big datasets without holding them)."""
+        if split not in ("train", "eval"):
+            raise DatasetError(f"split must be 'train' or 'eval', got {split!r}")
+        file = (self.path or Path(".")) / f"{split}.jsonl"
+        if self.path is None or not file.is_file():
+            raise DatasetError(f"{self.ref}: stored data is missing ({file}); remove and re-register it")
+        with open(file, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)["messages"]
 
     def head(self, n: int = 5, split: str = "train") -> list[Messages]:
         """The first `n` rows of a split, read without loading the rest."""
@@ -208,11 +227,17 @@ class DatasetRegistry:
     """Catalog + store of dataset versions. `root` defaults to `studio.paths.datasets_root()`;
     `max_bytes` limits each input file (default: env STUDIO_DATASET_MAX_BYTES or 256 MiB)."""
 
-    def __init__(self, root: str | Path | None = None, max_bytes: int | None = None):
+    def __init__(self, root: str | Path | None = None, max_bytes: int | None = None,
+                 max_record_bytes: int | None = None, allow_system_files: bool = False):
         self.root = Path(root) if root is not None else paths.datasets_root()
         self.max_bytes = formats.max_bytes_from_env() if max_bytes is None else int(max_bytes)
         if self.max_bytes <= 0:
             raise DatasetError(f"max_bytes must be positive, got {max_bytes}")
+        self.max_record_bytes = (formats.max_record_bytes_from_env() if max_record_bytes is None
+                                 else int(max_record_bytes))
+        if self.max_record_bytes <= 0:
+            raise DatasetError(f"max_record_bytes must be positive, got {max_record_bytes}")
+        self.allow_system_files = allow_system_files
         self.catalog_path = self.root / "catalog.sqlite"
         self.store = self.root / "store"
         self._tmp = self.root / ".tmp"
@@ -253,14 +278,23 @@ class DatasetRegistry:
         version; anything else becomes the next number. Atomic: on failure nothing changes."""
         validate_name(name)
         path = Path(path)
-        train_res = formats.load_file(path, self.max_bytes, on_empty_assistant)
+        limits = dict(max_record_bytes=self.max_record_bytes, allow_system_files=self.allow_system_files)
+        train_res = formats.load_file(path, self.max_bytes, on_empty_assistant, **limits)
         dropped = Counter(train_res.dropped)
         if eval_path is not None:
-            eval_res = formats.load_file(Path(eval_path), self.max_bytes, on_empty_assistant)
+            eval_res = formats.load_file(Path(eval_path), self.max_bytes, on_empty_assistant, **limits)
             dropped.update(eval_res.dropped)
             train, eval_ = train_res.rows, eval_res.rows
             split = {"mode": "file"}
-            split_info = {**split, "eval_source": str(Path(eval_path).resolve())}
+            # held-out rows also in the training data measure memorisation, not generalisation: warn and record it
+            seen = {_canonical(r) for r in train}
+            overlap = sum(_canonical(r) in seen for r in eval_)
+            split_info = {**split, "eval_source": str(Path(eval_path).resolve()), "eval_overlap": overlap}
+            if overlap:
+                warnings.warn(f"{overlap} of {len(eval_)} eval rows ({overlap / len(eval_):.0%}) also appear in the "
+                              f"training file{' (the same file)' if _same_file(path, Path(eval_path)) else ''}: "
+                              "held-out loss on them measures memorisation; use a disjoint --eval-file or "
+                              "--eval-ratio", EvalOverlapWarning, stacklevel=2)
         else:
             try:
                 eval_ratio, seed = float(eval_ratio), int(seed)
@@ -357,13 +391,18 @@ class DatasetRegistry:
     def _lookup(self, ref: str) -> list[DatasetVersion]:
         if not isinstance(ref, str) or not ref:
             raise DatasetError("a dataset reference is required, e.g. `law`, `law@v2` or `law@<hash>`")
-        name, _, selector = ref.partition("@")
+        name, at, selector = ref.partition("@")
         validate_name(name)
+        if at and not selector:
+            raise DatasetError(f"invalid reference {ref!r}: nothing after '@'; use `{name}` for the latest version, "
+                               f"`{name}@vN` or `{name}@<hash prefix>`")
         if not selector:
             return self._query(f"SELECT {_COLUMNS} FROM versions WHERE name = ? ORDER BY number DESC LIMIT 1",
                                (name,))
         m = re.fullmatch(r"v(\d+)", selector)
         if m:
+            if len(m.group(1)) > 19 or int(m.group(1)) > MAX_VERSION:  # no such number can exist (nor bind)
+                return []
             return self._query(f"SELECT {_COLUMNS} FROM versions WHERE name = ? AND number = ?",
                                (name, int(m.group(1))))
         if re.fullmatch(r"[0-9a-fA-F]+", selector) and len(selector) >= MIN_HASH_PREFIX:
@@ -397,15 +436,28 @@ class DatasetRegistry:
         validate_name(name)
         return self._query(f"SELECT {_COLUMNS} FROM versions WHERE name = ? ORDER BY number", (name,))
 
-    def remove(self, ref: str) -> list[DatasetVersion]:
+    def remove(self, ref: str, force: bool = False, adapters=None) -> list[DatasetVersion]:
         """Remove `law@v2` / `law@<hash>` (one version) or `law` (every version of the name).
-        Stored data no other version uses is deleted. Returns what was removed."""
-        name, _, selector = ref.partition("@")
+        Stored data no other version uses is deleted. Returns what was removed. A version named in a registered
+        adapter's lineage is kept unless `force` (`adapters`: the AdapterRegistry to check, default the local one)."""
+        if not isinstance(ref, str) or not ref:
+            raise DatasetError("a dataset reference is required, e.g. `law`, `law@v2` or `law@<hash>`")
+        name, at, selector = ref.partition("@")
+        if at and not selector:
+            raise DatasetError(f"invalid reference {ref!r}: nothing after '@'; `{name}` removes every version")
         targets = self.versions(name) if not selector else self._lookup(ref)
         if not targets:
             raise DatasetError(f"no dataset {ref!r} to remove")
         if len(targets) > 1 and selector:
             raise DatasetError(f"reference {ref!r} is ambiguous ({', '.join(v.ref for v in targets)})")
+        if not force:
+            used = adapters_using(targets, adapters)
+            if used:
+                listing = "; ".join(f"{d} <- {', '.join(a[:5])}{' ...' if len(a) > 5 else ''}"
+                                    for d, a in sorted(used.items()))
+                raise DatasetError(f"not removed: adapters were trained on it ({listing}); their lineage would "
+                                   f"name data that no longer exists. Remove those adapter versions first, or pass "
+                                   f"--force (force=True) to remove it anyway")
         con = self._connect()
         trash: list[tuple[Path, Path]] = []
         try:
@@ -435,23 +487,52 @@ class DatasetRegistry:
             shutil.rmtree(dst, ignore_errors=True)
         return targets
 
+    def verify(self) -> list[str]:
+        """Problems found (empty: healthy): SQLite's integrity check, and every version's stored rows re-hashed
+        against its content hash."""
+        if not self.catalog_path.exists():
+            return []
+        con = self._connect()
+        try:
+            problems = [f"catalog: {r[0]}" for r in con.execute("PRAGMA integrity_check") if r[0] != "ok"]
+        finally:
+            con.close()
+        for v in self.list():
+            try:
+                split = {k: val for k, val in v.split.items() if k not in ("eval_source", "eval_overlap")}
+                digest = content_hash(v._read("train"), v._read("eval"), split)
+            except (DatasetError, OSError, ValueError, KeyError) as exc:
+                problems.append(f"{v.ref}: stored data unreadable ({exc})")
+                continue
+            if digest != v.hash:
+                problems.append(f"{v.ref}: stored rows hash to {digest[:12]}, not {v.hash[:12]}")
+        return problems
+
     # -- reading
 
-    def preview(self, ref: str, n: int = 5) -> list[Messages]:
-        """The first `n` training rows of a version, as message lists."""
-        return self.get(ref).head(n)
+    def preview(self, ref: str, n: int = 5, max_chars: int | None = formats.PREVIEW_CHARS) -> list[Messages]:
+        """The first `n` training rows of a version, as message lists, each message cut to `max_chars`
+        (None: whole)."""
+        rows = self.get(ref).head(n)
+        return rows if max_chars is None else [formats.truncate_row(r, max_chars) for r in rows]
 
     def stats(self, ref: str, tokenizer=None) -> dict:
         """Rows, tokens per example (min/median/max/total per split, chat template applied) and
-        dropped rows by reason. `tokenizer`: any HF tokenizer; default the studio's tiny-moe one."""
+        dropped rows by reason. `tokenizer`: any HF tokenizer; default the studio's tiny-moe one.
+        Rows are streamed from the store one at a time and long rows tokenized in windows, so memory stays
+        bounded by the longest row, not by the tokenizer's per-token bookkeeping of it."""
         version = self.get(ref)
         if tokenizer is None:
             from studio.models.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer()
         tokens = {}
-        for split, rows in (("train", version.train_messages()), ("eval", version.eval_messages())):
-            counts = token_counts(rows, tokenizer)
+        estimated = 0
+        for split in ("train", "eval"):
+            counts = []
+            for r in version.iter_rows(split):
+                counts.append(row_tokens(r, tokenizer))
+                estimated += any(len(m["content"]) > STATS_EXACT_CHARS for m in r)
             tokens[split] = ({"min": min(counts), "median": statistics.median(counts), "max": max(counts),
                               "total": sum(counts)} if counts else
                              {"min": 0, "median": 0, "max": 0, "total": 0})
@@ -460,20 +541,92 @@ class DatasetRegistry:
             "rows": {"train": version.rows_train, "eval": version.rows_eval},
             "dropped": dict(version.dropped), "dropped_total": sum(version.dropped.values()),
             "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
-            "tokens": tokens,
+            "tokens": tokens, "estimated_rows": estimated,
         }
 
 
 def token_counts(rows: list[Messages], tokenizer) -> list[int]:
     """Tokens per row: the chat template rendered when the tokenizer has one, else `role: content` lines."""
-    if not rows:
-        return []
-    if getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template(r, tokenize=False) for r in rows]
-    else:
-        texts = ["\n".join(f"{m['role']}: {m['content']}" for m in r) for r in rows]
-    enc = tokenizer(texts, add_special_tokens=False)
-    return [len(ids) for ids in enc["input_ids"]]
+    return [row_tokens(r, tokenizer) for r in rows]
+
+
+def row_tokens(row: Messages, tokenizer) -> int:
+    """Tokens of one row as the trainer encodes it (control tokens in content count as text). A row longer than
+    STATS_CHUNK_CHARS is counted window by window, cut at whitespace, so a 50 MB row costs megabytes, not
+    gigabytes (a window edge can shift a token or two); a message over STATS_EXACT_CHARS is estimated from
+    STATS_SAMPLE_WINDOWS sampled windows."""
+    from studio.data.chat import encode_chat
+
+    if not getattr(tokenizer, "chat_template", None):
+        return _windowed_count("\n".join(f"{m['role']}: {m['content']}" for m in row), tokenizer)
+    if sum(len(m["content"]) for m in row) <= STATS_CHUNK_CHARS:
+        return len(encode_chat(tokenizer, row).input_ids)
+    # the template's own tokens (the chat with empty contents) plus each content window by window, every window
+    # encoded by the same chat encoder as a one-message chat minus that chat's own template tokens
+    skeleton = len(encode_chat(tokenizer, [{**m, "content": ""} for m in row]).input_ids)
+    total = skeleton
+    for m in row:
+        empty = len(encode_chat(tokenizer, [{"role": m["role"], "content": ""}]).input_ids)
+        windows = list(_windows(m["content"]))
+        if len(m["content"]) > STATS_EXACT_CHARS:  # sample evenly spaced windows, scale by characters
+            step = len(windows) / STATS_SAMPLE_WINDOWS
+            windows = [windows[int(i * step)] for i in range(STATS_SAMPLE_WINDOWS)]
+        tokens = sum(len(encode_chat(tokenizer, [{"role": m["role"], "content": w}]).input_ids) - empty
+                     for w in windows)
+        chars = sum(map(len, windows))
+        total += tokens if chars == len(m["content"]) else round(tokens * len(m["content"]) / max(chars, 1))
+    return total
+
+
+def _windows(text: str):
+    """`text` in pieces of at most STATS_CHUNK_CHARS, cut at whitespace where there is some."""
+    start = 0
+    while start < len(text):
+        end = min(start + STATS_CHUNK_CHARS, len(text))
+        if end < len(text):
+            cut = max(text.rfind(" ", start + STATS_CHUNK_CHARS // 2, end), text.rfind("\n", start, end))
+            end = cut if cut > start else end
+        yield text[start:end]
+        start = end
+
+
+def _windowed_count(text: str, tokenizer) -> int:
+    return sum(len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in _windows(text))
+
+
+class EvalOverlapWarning(UserWarning):
+    """An explicit eval file shares rows with the training file."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def adapters_using(versions: list[DatasetVersion], adapters=None) -> dict[str, list[str]]:
+    """{dataset ref: [adapter refs]} for the adapters whose recorded lineage names one of `versions` (by hash, or
+    by name@version when no hash was recorded)."""
+    from studio.registry import AdapterRegistry
+    from studio.errors import RegistryError
+
+    try:
+        reg = adapters if adapters is not None else AdapterRegistry()
+        listed = reg.list()
+    except RegistryError:  # no readable adapter registry: nothing can depend on the data
+        return {}
+    by_hash = {v.hash: v.ref for v in versions}
+    by_ref = {v.ref: v.ref for v in versions}
+    used: dict[str, list[str]] = {}
+    for a in listed:
+        ds = (a.metadata or {}).get("dataset") or {}
+        if not isinstance(ds, dict):
+            continue
+        hit = by_hash.get(ds.get("hash")) or by_ref.get(ds.get("ref"))
+        if hit:
+            used.setdefault(hit, []).append(a.ref)
+    return used
 
 
 def resolve_dataset(ref_or_path: str | Path, registry: DatasetRegistry | None = None) -> DatasetVersion:

@@ -48,9 +48,10 @@ def training_chat_template(tokenizer) -> str | None:
 def encode(tokenizer, messages: list[dict], seq_len: int, chat_template: str | None) -> Encoded | None:
     """One conversation -> input ids + assistant mask, truncated to seq_len (keep the start). None when no
     assistant token survives truncation (SFTTrainer drops such examples too)."""
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                        chat_template=chat_template)
-    ids, mask = list(out["input_ids"])[:seq_len], list(out["assistant_masks"])[:seq_len]
+    from studio.data.chat import encode_chat
+
+    out = encode_chat(tokenizer, messages, chat_template=chat_template, assistant_mask=True)
+    ids, mask = out.input_ids[:seq_len], out.assistant_masks[:seq_len]
     if not any(mask):
         return None
     return Encoded(ids, mask)

@@ -7,6 +7,7 @@ point leaves at most an orphaned temp file (removed by `gc`), never a wrong blob
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -47,6 +48,17 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def disk_error(exc: OSError, root: Path, what: str) -> RegistryError:
+    """An OSError while writing a registry, as a RegistryError that says what to do (no traceback)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RegistryError(f"{what}: no space left on the device holding {root}; free some space and retry "
+                             "(nothing was registered: the catalog is unchanged)")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return RegistryError(f"{what}: the registry at {root} is not writable ({exc.strerror}); reading works, "
+                             "changes need a writable --root")
+    return RegistryError(f"{what}: {exc.strerror or exc} ({exc.filename or root}); nothing was changed")
+
+
 def tmp_name(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
@@ -79,7 +91,11 @@ class RegistryLock:
         if fcntl is None:  # pragma: no cover
             yield
             return
-        with open(self.path, "a+b") as f:
+        try:
+            f = open(self.path, "a+b")
+        except OSError as exc:  # a read-only root: every writer stops here, before touching anything
+            raise disk_error(exc, self.path.parent, "locking the registry") from None
+        with f:
             fcntl.flock(f.fileno(), mode)
             try:
                 yield

@@ -8,6 +8,7 @@ its blobs and manifest are on disk, so a row's existence means the version is co
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from datetime import datetime, timezone
@@ -110,7 +111,36 @@ def _retry_locked(fn, what: str):
             delay = min(delay * 2, 0.5)
 
 
+def _writable(path: Path) -> bool:
+    """SQLite needs to write the catalog and create its -wal/-shm/-journal files next to it."""
+    return os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A catalog on read-only storage (a mounted snapshot, a shared read-only share): reads work, writes raise
+    `readonly` errors that `transaction` turns into a RegistryError. `immutable=1`: no lock or -shm file is needed
+    (a writer cannot exist where nothing is writable)."""
+    if not path.is_file():
+        raise RegistryError(f"the registry root {path.parent} is read-only and holds no catalog; point --root at a "
+                            "registry, or at a writable directory for a new one")
+    uri = f"{path.absolute().as_uri()}?mode=ro&immutable=1"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise RegistryError(f"cannot read the registry catalog {path} ({exc}); check the --root directory") from exc
+    if version > SCHEMA_VERSION:
+        raise RegistryError(f"the catalog {path} was written by a newer studio; upgrade moe-lora-studio to read it")
+    if version < SCHEMA_VERSION:
+        raise RegistryError(f"the catalog {path} is read-only and was never initialised; open it once where it is "
+                            "writable")
+    return conn
+
+
 def connect(path: Path) -> sqlite3.Connection:
+    if not _writable(path):
+        return connect_read_only(path)
     try:
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -134,11 +164,34 @@ def connect(path: Path) -> sqlite3.Connection:
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection):
     """`BEGIN IMMEDIATE` takes the write lock up front, so read-then-write sequences are atomic."""
-    _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"), "starting a write")
+    try:
+        _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"), "starting a write")
+    except sqlite3.OperationalError as exc:
+        raise _write_error(exc) from None
     try:
         yield conn
+    except sqlite3.OperationalError as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise _write_error(exc) from None
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
     else:
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise _write_error(exc) from None
+
+
+def _write_error(exc: sqlite3.OperationalError) -> Exception:
+    text = str(exc)
+    if "readonly" in text or "read-only" in text:
+        return RegistryError("the registry is read-only here (its directory or catalog cannot be written): reading "
+                             "works, changes need a writable --root; nothing was changed")
+    if "full" in text:
+        return RegistryError("the disk holding the registry is full: free some space and retry; nothing was changed")
+    return RegistryError(f"the registry catalog could not be written ({text}); nothing was changed")

@@ -86,6 +86,9 @@ def register(subparsers) -> None:
     sp.add_argument("--endpoint-url", help="S3-compatible endpoint (sets client_kwargs.endpoint_url)")
     sp.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                     help="an fsspec storage option (repeatable); credentials belong in the environment")
+    sp.add_argument("--create", action="store_true",
+                    help="create a file:// remote directory that does not exist yet (refused otherwise: a typo in "
+                         "the path would silently start an empty remote)")
     sp.set_defaults(func=_run(_remote_add))
     sp = common(rsub.add_parser("list", help="list remotes"))
     sp.set_defaults(func=_run(_remote_list))
@@ -342,7 +345,7 @@ def _remote_add(reg, args):
             options[key] = raw
     if args.endpoint_url:
         options.setdefault("client_kwargs", {})["endpoint_url"] = args.endpoint_url
-    r = reg.remote_add(args.name, args.url, **options)
+    r = reg.remote_add(args.name, args.url, create=args.create, **options)
     _emit(args, r, lambda: print(f"added remote {r['name']} -> {r['url']}"))
 
 

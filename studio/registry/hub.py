@@ -158,6 +158,10 @@ class HubRemote(RemoteStore):
             return "present"
         return "created"
 
+    def identity_problem(self, domain: str, number: int, manifest_sha: str) -> str | None:
+        # a Hub version is the commit its tag names: the manifest read at that tag is the one pushed with it
+        return None
+
     def fetch_file(self, domain, number, entry, dest: Path) -> None:
         if self._download(domain, entry["path"], f"v{number}", dest=dest) is None:
             raise RegistryError(f"remote {self.name!r} lacks {entry['path']} of {domain}@v{number}; push it again")

@@ -57,7 +57,7 @@ def check_alias(name: str) -> str:
     if name in RESERVED_ALIASES:
         raise RegistryError(f"alias {name!r} is reserved (DOMAIN@latest always means the newest version); "
                             "pick another name")
-    if VERSION_RE.match(name):
+    if re.match(r"^v[-+]?[0-9]", name):  # v3, v9999999999, v-1: all read as version syntax, never as names
         raise RegistryError(f"alias {name!r} looks like a version number (vN); pick a name such as prod or staging")
     if not ALIAS_RE.match(name):
         raise RegistryError(
@@ -97,6 +97,9 @@ def parse_ref(text: str) -> Ref:
     if not selector or selector == "latest":
         return Ref(domain, text=raw)
     m = VERSION_RE.match(selector)
+    if not m and re.match(r"^v[-+]?[0-9]", selector):
+        raise RegistryError(f"invalid adapter reference {text!r}: {selector!r} is not a version number; versions are "
+                            "v1, v2, ... (at most 9 digits)")
     if m:
         number = int(m.group(1))
         if number < 1:

@@ -17,7 +17,8 @@ from pathlib import Path
 from studio.errors import RegistryError
 from studio.paths import adapters_root
 from studio.registry import catalog
-from studio.registry.blobs import BlobStore, RegistryLock, fsync_dir, remove_tree, sha256_bytes, tmp_name
+from studio.registry.blobs import (BlobStore, RegistryLock, disk_error, fsync_dir, remove_tree, sha256_bytes,
+                                   sha256_file, tmp_name)
 from studio.registry.catalog import utcnow
 from studio.registry.hooks import pause_point
 from studio.registry.manifest import (
@@ -26,6 +27,9 @@ from studio.registry.manifest import (
 )
 from studio.registry.maintenance import VerifyReport
 from studio.registry.refs import MIN_SHA_PREFIX, check_alias, check_domain, format_numbers, format_ref, parse_ref
+
+# (path, inode, size, mtime_ns, ctime_ns) -> sha256 of checkout files already hashed in this process
+_VERIFIED: dict[tuple, str] = {}
 
 
 @dataclass
@@ -186,6 +190,12 @@ class AdapterRegistry:
         tags = [str(t).strip() for t in ([tags] if isinstance(tags, str) else tags) if str(t).strip()]
         parent_ref, parent_sha = self._resolve_parent(parent if parent is not None else meta.get("parent"),
                                                       explicit=parent is not None)
+        try:
+            return self._store(src, found, skipped, meta, domain, parent_ref, parent_sha, tags, notes)
+        except OSError as exc:  # a full disk, a read-only root: temp files are already gone, no row was written
+            raise disk_error(exc, self.root, f"registering {src}") from None
+
+    def _store(self, src, found, skipped, meta, domain, parent_ref, parent_sha, tags, notes) -> AdapterVersion:
         with self.lock.shared():
             files = []
             for rel, path in found:
@@ -324,15 +334,16 @@ class AdapterRegistry:
         v = self.resolve(ref, base_fingerprint=base_fingerprint, allow_mismatch=allow_mismatch)
         dest = self.root / "checkouts" / v.domain / f"v{v.number}-{v.sha[:12]}"
         if self._checkout_ok(dest, v):
-            return dest
+            bad = self._corrupt_files(dest, v)
+            if not bad:
+                return dest
+            # a checkout shares its inodes with the blobs (hard links): a damaged blob means a damaged checkout
+            self._refuse_damaged(v)
         with self.lock.shared():
             tmp = self.root / "tmp" / tmp_name("checkout")
             try:
+                self._refuse_damaged(v)
                 for f in v.files:
-                    problem = self.blobs.verify(f["sha256"], f["size"])
-                    if problem:
-                        raise RegistryError(f"{v.ref}: blob for {f['path']} is {problem}; run `studio registry verify` "
-                                            "and re-pull the version from a remote")
                     target = tmp / f["path"]
                     target.parent.mkdir(parents=True, exist_ok=True)
                     try:
@@ -355,7 +366,36 @@ class AdapterRegistry:
                 fsync_dir(dest.parent)
             finally:
                 remove_tree(tmp)
+        if self._corrupt_files(dest, v):  # built from verified blobs: only a concurrent writer could cause this
+            raise RegistryError(f"{v.ref}: its checkout changed while it was built; run `studio registry verify` "
+                                "and retry")
         return dest
+
+    def _refuse_damaged(self, v: AdapterVersion) -> None:
+        damaged = [f"{f['path']}: {p}" for f in v.files if (p := self.blobs.verify(f["sha256"], f["size"]))]
+        if damaged:
+            raise RegistryError(
+                f"{v.ref} is corrupt in this registry ({'; '.join(damaged)}); refusing to load it. Run `studio "
+                f"registry verify` to see the damage, then `studio registry pull {v.ref} REMOTE` to restore a good "
+                "copy (or remove it and register the adapter again)")
+
+    @staticmethod
+    def _corrupt_files(dest: Path, v: AdapterVersion) -> list[str]:
+        """Paths of a checkout whose content does not hash to the manifest's sha256. Each file is hashed once per
+        (inode, size, mtime, ctime): any write to it, through any hard link, changes its ctime."""
+        bad = []
+        for f in v.files:
+            p = dest / f["path"]
+            st = p.stat()
+            key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if _VERIFIED.get(key) == f["sha256"]:
+                continue
+            sha, _ = sha256_file(p)
+            if sha != f["sha256"]:
+                bad.append(f["path"])
+            else:
+                _VERIFIED[key] = sha
+        return bad
 
     @staticmethod
     def _checkout_ok(dest: Path, v: AdapterVersion) -> bool:
@@ -579,12 +619,12 @@ class AdapterRegistry:
 
     # ---- remotes ----------------------------------------------------------------------------
 
-    def remote_add(self, name: str, url: str, **storage_options) -> dict:
+    def remote_add(self, name: str, url: str, create: bool = False, **storage_options) -> dict:
         """Remember a remote store (fsspec URL: file://, s3://, hf://...). Options are fsspec
         storage options (e.g. client_kwargs={"endpoint_url": ...}); credentials come from the
         environment and are refused here so they never land in the catalog."""
         from studio.registry import transfer
-        return transfer.remote_add(self, name, url, storage_options)
+        return transfer.remote_add(self, name, url, storage_options, create=create)
 
     def remote_remove(self, name: str) -> None:
         from studio.registry import transfer

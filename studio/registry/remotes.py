@@ -57,6 +57,29 @@ def normalise_url(url: str) -> str:
     return stripped if not stripped.endswith(":") else url
 
 
+def check_local_remote(url: str, create: bool) -> None:
+    """A file:// remote's directory exists and is writable (or is created now when `create`)."""
+    if not url.startswith("file://"):
+        return
+    from urllib.parse import unquote, urlparse
+
+    path = Path(unquote(urlparse(url).path))
+    if not path.exists():
+        if not create:
+            raise RegistryError(f"remote directory {path} does not exist; check the path, or create it with "
+                                "`studio registry remote add ... --create` (create=True)")
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise RegistryError(f"cannot create the remote directory {path} ({exc.strerror}); pick a writable "
+                                "location") from None
+    if not path.is_dir():
+        raise RegistryError(f"remote {url}: {path} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RegistryError(f"remote directory {path} is not writable by this user; pick a writable location or "
+                            "fix its permissions")
+
+
 def open_remote(name: str, url: str, options: dict):
     if url.startswith("hf://"):
         from studio.registry.hub import HubRemote
@@ -76,6 +99,7 @@ class RemoteStore:
     def upload_version(self, domain: str, number: int, manifest: bytes, files: list[dict], blob_path,
                        verify_existing: bool = False) -> str: ...
     def fetch_file(self, domain: str, number: int, entry: dict, dest: Path) -> None: ...
+    def identity_problem(self, domain: str, number: int, manifest_sha: str) -> str | None: ...
     def alias_names(self, domain: str) -> list[str]: ...
     def alias_head(self, domain: str, alias: str) -> dict | None: ...
     def write_alias(self, domain: str, alias: str, record: dict, expected_generation: int) -> int: ...
@@ -157,9 +181,15 @@ class FsspecRemote(RemoteStore):
     def _create_exclusive(self, path: str, data: bytes) -> bool:
         """Write `data` at `path` only if nothing is there; False if something already is."""
         if self.local:
-            target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+            with self._io(f"writing {path}"):
+                return self._create_local(Path(path), data)
+        return self._create_remote(path, data)
+
+    @staticmethod
+    def _create_local(target: Path, data: bytes) -> bool:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -169,10 +199,12 @@ class FsspecRemote(RemoteStore):
                 created = True
             except FileExistsError:
                 created = False
-            finally:
-                tmp.unlink(missing_ok=True)
-            fsync_dir(target.parent)
-            return created
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(target.parent)
+        return created
+
+    def _create_remote(self, path: str, data: bytes) -> bool:
         try:
             with self._io(f"writing {path}"):
                 with self.fs.open(path, "xb") as f:
@@ -192,21 +224,25 @@ class FsspecRemote(RemoteStore):
 
     def _put_blob(self, local: Path, path: str) -> None:
         if self.local:  # temp + rename so a killed push never leaves a truncated blob
-            target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-            try:
-                with open(local, "rb") as fin, open(tmp, "wb") as fout:
-                    while chunk := fin.read(CHUNK):
-                        fout.write(chunk)
-                    fout.flush()
-                    os.fsync(fout.fileno())
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with self._io(f"writing {path}"):
+                self._put_local(local, Path(path))
             return
         with self._io(f"uploading {path}"):  # object stores publish a PUT atomically
             self.fs.put_file(str(local), path)
+
+    @staticmethod
+    def _put_local(local: Path, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            with open(local, "rb") as fin, open(tmp, "wb") as fout:
+                while chunk := fin.read(CHUNK):
+                    fout.write(chunk)
+                fout.flush()
+                os.fsync(fout.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # ---- RemoteStore ------------------------------------------------------------------------
 
@@ -234,6 +270,13 @@ class FsspecRemote(RemoteStore):
             size = self._size(rp)
             if size != f["size"] or (verify_existing and self._sha256(rp) != f["sha256"]):
                 self._put_blob(blob_path(f["sha256"]), rp)
+        # the manifest is stored as a blob too: its content address is the version's identity as pushed, which a
+        # puller checks, so an edited versions/vN.json (naming other blobs) is refused, whatever the ref form
+        from studio.registry.blobs import sha256_bytes
+        msha = sha256_bytes(manifest)
+        mblob = self._p("blobs", "sha256", msha)
+        if self._size(mblob) != len(manifest):
+            self._put_blob(blob_path(msha), mblob)
         pause_point("push:blobs-uploaded")
         if existing is not None:
             return "present"
@@ -253,6 +296,16 @@ class FsspecRemote(RemoteStore):
             f"independently; nothing was overwritten. To publish yours under a new number: copy it out "
             f"(`studio registry path {ref}`), `studio registry rm {ref} --force`, `studio registry sync {self.name}`, "
             f"then register the copy again (it gets the next free number) and push that")
+
+    def identity_problem(self, domain: str, number: int, manifest_sha: str) -> str | None:
+        from studio.registry.blobs import sha256_bytes
+        data = self._read(self._p("blobs", "sha256", manifest_sha))
+        if data is None:
+            return (f"no push recorded a manifest with sha {manifest_sha[:12]} (every push stores its manifest as a "
+                    "blob)")
+        if sha256_bytes(data) != manifest_sha:
+            return f"the remote's manifest blob {manifest_sha[:12]} is itself corrupt"
+        return None
 
     def fetch_file(self, domain, number, entry, dest: Path) -> None:
         rp = self._p("blobs", "sha256", entry["sha256"])

@@ -27,13 +27,17 @@ from studio.registry.remotes import RegistryConflict
 SECRET_WORDS = ("secret", "password", "token", "key", "credential")
 
 
-def remote_add(reg, name: str, url: str, storage_options: dict) -> dict:
+def remote_add(reg, name: str, url: str, storage_options: dict, create: bool = False) -> dict:
     """Remember a remote store (fsspec URL: file://, s3://, hf://...). Options are fsspec
     storage options (e.g. client_kwargs={"endpoint_url": ...}); credentials come from the
-    environment and are refused here so they never land in the catalog."""
+    environment and are refused here so they never land in the catalog. A file:// directory must exist and be
+    writable, or be created now with `create` (a mistyped path must not silently become a new, empty remote)."""
     check_remote_name(name)
-    from studio.registry.remotes import normalise_url
+    from studio.registry.remotes import check_local_remote, normalise_url
     url = normalise_url(url)
+    if reg.db.execute("SELECT 1 FROM remotes WHERE name=?", (name,)).fetchone():
+        raise RegistryError(f"remote {name!r} already exists; remove it first (`studio registry remote rm {name}`)")
+    check_local_remote(url, create)
     secret = [k for k in _walk_keys(storage_options) if any(w in k.lower() for w in SECRET_WORDS)
               and k not in ("use_listings_cache", "skip_instance_cache")]
     if secret:
@@ -229,6 +233,18 @@ def _import(reg, rem, domain: str, number: int, expect_sha: str | None = None, e
                             "the remote manifest is corrupt or was replaced; nothing was changed locally. "
                             "Re-push the version from a good copy")
     man = parse_manifest(data, where)
+    # the same identity checks whether the version was named by number, alias, sha or found by sync
+    problem = rem.identity_problem(domain, number, msha)
+    if problem is None:
+        for alias in rem.alias_names(domain):
+            head = rem.alias_head(domain, alias)
+            if head and head.get("number") == number and head.get("sha") not in (None, msha):
+                problem = f"alias {alias!r} records v{number} as manifest {str(head['sha'])[:12]}"
+                break
+    if problem:
+        raise RegistryError(f"{where}: the manifest (sha {msha[:12]}) is not the version that was pushed: {problem}. "
+                            "The remote manifest was edited or replaced; nothing was changed locally. Re-push the "
+                            "version from a registry with a good copy")
     if man["domain"] != domain:
         raise RegistryError(f"{where}: the manifest belongs to domain {man['domain']!r}; the remote is inconsistent")
     row = reg.db.execute("SELECT sha FROM versions WHERE domain=? AND number=?", (domain, number)).fetchone()

@@ -152,8 +152,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth", default=None,
                    help=f"require a login, user:password (several comma separated); default ${AUTH_ENV}")
     p.add_argument("--max-file-size", default=None,
-                   help="largest upload, e.g. 256mb (default: the datasets registry's limit, "
-                        "$STUDIO_DATASET_MAX_BYTES or 256 MiB)")
+                   help="largest upload, e.g. 256mb (default: $STUDIO_DATASET_MAX_BYTES if set, else 64 MiB; "
+                        "register bigger files with `studio datasets add`)")
     # ---- what it serves
     p.add_argument("--base", default="tiny-moe", help="base model the Playground and Compare serve (default tiny-moe)")
     p.add_argument("--quant", default="4bit", choices=["4bit", "8bit", "none"],
@@ -162,6 +162,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training jobs running at once; more wait in a queue (default 1)")
     p.add_argument("--jobs-root", default=None, help="job table and job directories (default $STUDIO_JOBS_ROOT "
                                                       "or runs/ui-jobs in the checkout)")
+
+
+UI_DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
 
 
 def _is_loopback(host: str) -> bool:
@@ -182,7 +185,8 @@ def launch(args: argparse.Namespace, block: bool = True):
     if not _is_loopback(args.host) and not auth:
         print(f"warning: serving on {args.host} without --auth: anyone who can reach this port can train, delete "
               "and push adapters", file=sys.stderr)
-    max_file_size = args.max_file_size or max_bytes_from_env()
+    # a browser upload is buffered to disk and inspected in the app's process: keep the default modest
+    max_file_size = args.max_file_size or max_bytes_from_env(UI_DEFAULT_MAX_UPLOAD)
     ctx = StudioContext(base=args.base, quant=args.quant, jobs_root=args.jobs_root, max_running_jobs=args.max_jobs)
     ctx.jobs.start_scheduler()
     from studio.ui.train_tab import warm_up

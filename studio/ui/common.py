@@ -26,7 +26,9 @@ def _to_gr_error(exc: Exception) -> gr.Error:
     if isinstance(exc, gr.Error):
         return exc
     if isinstance(exc, StudioError):
-        return gr.Error(str(exc), title=TITLES.get(type(exc).__name__, "Studio error"), duration=None)
+        # the message is the whole story: no traceback in the app log for an ordinary bad input
+        return gr.Error(str(exc), title=TITLES.get(type(exc).__name__, "Studio error"), duration=None,
+                        print_exception=False)
     # a bug, not a user error: keep the traceback in the server log and tell the user what happened
     log.exception("unexpected error in a UI action")
     return gr.Error(f"{type(exc).__name__}: {exc} (unexpected; the server log has the traceback)",

@@ -141,8 +141,8 @@ def _remotes_markdown(ctx) -> str:
 
 
 @user_errors
-def add_remote(ctx, name: str, url: str):
-    ctx.adapters.remote_add((name or "").strip(), (url or "").strip())
+def add_remote(ctx, name: str, url: str, create: bool = False):
+    ctx.adapters.remote_add((name or "").strip(), (url or "").strip(), create=bool(create))
     return status("ok", f"Remote **{name.strip()}** added."), _remotes_markdown(ctx), _remote_choices(ctx)
 
 
@@ -235,6 +235,7 @@ def build(ctx) -> SimpleNamespace:
                         ui.remote_name = gr.Textbox("origin", label="Remote name", max_lines=1)
                         ui.remote_url = gr.Textbox(label="URL", placeholder="file:///srv/adapters or s3://bucket/x",
                                                    max_lines=1, scale=2)
+                        ui.remote_create = gr.Checkbox(False, label="Create the directory if missing (file://)")
                         ui.remote_add = gr.Button("Add remote", scale=1)
                     names = [r["name"] for r in ctx.adapters.remotes()]
                     with gr.Row():
@@ -279,7 +280,7 @@ def build(ctx) -> SimpleNamespace:
                  outputs=[*ui.outputs_for_show, ui.table], api_visibility="private")
     ui.promote.click(c(promote, ctx), [ui.selected, ui.alias], ui.status, api_name="promote").success(**after)
     ui.rollback.click(c(rollback, ctx), [ui.selected, ui.alias], ui.status, api_name="rollback").success(**after)
-    ui.remote_add.click(c(add_remote, ctx), [ui.remote_name, ui.remote_url], [ui.status, ui.remotes, ui.remote],
+    ui.remote_add.click(c(add_remote, ctx), [ui.remote_name, ui.remote_url, ui.remote_create], [ui.status, ui.remotes, ui.remote],
                         api_name="add_remote")
     ui.push.click(c(push, ctx), [ui.selected, ui.remote], ui.status, api_name="push")
     ui.pull.click(c(pull, ctx), [ui.pull_ref, ui.remote], [ui.status, ui.table], api_name="pull")
