@@ -60,6 +60,7 @@ class SamplingParams:
     ignore_eos: bool = False     # keep going past the end-of-sequence token (benchmarks: fixed token counts)
 
     def validate(self, limit: int) -> None:
+        """Raise RequestError naming the bad setting (max_tokens over `limit`, temperature, top_p, ...)."""
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if self.max_tokens > limit:
@@ -192,6 +193,7 @@ class Engine:
         return version.ref
 
     def resident(self) -> list[str]:
+        """The adapters loaded now, least recently used first."""
         return list(self._resident)
 
     def unload(self, ref: str) -> bool:
@@ -263,12 +265,14 @@ class Engine:
             req.cancelled = True
 
     def stats(self) -> dict:
+        """Base, resident adapters, queue lengths and counters (loads, evictions, switches, steps)."""
         with self._cv:
             waiting = len(self._waiting)
         return {"base": self.base_id, "resident": self.resident(), "max_resident": self.max_resident,
                 "waiting": waiting, "running": self._running_count, **dict(self.counters)}
 
     def close(self) -> None:
+        """Stop the scheduler thread (requests in flight finish first); `with Engine(...)` calls it."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
