@@ -78,14 +78,16 @@ def _outputs(cell) -> list[dict]:
     return [o for o in cell.get("outputs", [])]
 
 
-def _text(cell) -> str:
-    parts = []
-    for o in _outputs(cell):
-        if o["output_type"] == "stream":
-            parts.append(o["text"])
-        elif "data" in o:
-            parts.append(o["data"].get("text/markdown", "") + o["data"].get("text/plain", ""))
-    return "".join(parts)
+def _stdout(cell) -> str:
+    """What the cell printed (stderr holds progress bars and library warnings)."""
+    return "".join(o["text"] for o in _outputs(cell) if o["output_type"] == "stream" and o["name"] == "stdout")
+
+
+def _markdown(cell) -> str:
+    """The cell's rendered Markdown result (its text/markdown output)."""
+    found = [o["data"]["text/markdown"] for o in _outputs(cell) if "text/markdown" in o.get("data", {})]
+    assert len(found) == 1, _outputs(cell)
+    return found[0]
 
 
 def _pngs(cell) -> list[bytes]:
@@ -111,21 +113,22 @@ def test_quickstart_notebook(tmp_path, monkeypatch):
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code")  # shipped without outputs
     NotebookClient(nb, kernel_name="studio-test", timeout=900, allow_errors=False,
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbformat.write(nb, tmp_path / "executed.ipynb")  # to read when an assertion below fails
     code = [c for c in nb.cells if c.cell_type == "code"]
     by_source = {c.source.split("\n")[0]: c for c in code}
     plan_cell = by_source['options = dict(base="tiny-moe", quant="4bit", targets="attention,experts", r=8, alpha=16, '
                           'seq_len=128, batch_size=4)']
-    assert "trainable LoRA parameters" in plan_cell.outputs[0]["data"]["text/markdown"]
+    assert "trainable LoRA parameters" in _markdown(plan_cell)
     train_cell = by_source["curve = studio.LossCurve()"]
-    found = _check_losses(_text(train_cell))
-    assert re.search(r"law training losses: (\d+\.\d{3}, ){5}\d+\.\d{3}", _text(train_cell))  # STEPS = 6 ... 8
+    found = _check_losses(_stdout(train_cell))
+    assert re.search(r"law training losses: (\d+\.\d{3}, ){5}\d+\.\d{3}", _stdout(train_cell))  # STEPS = 6 ... 8
     live = _pngs(train_cell)
     assert live and all(p.startswith(b"\x89PNG") for p in live)  # the live curve, drawn while training
     final = _pngs(by_source["curve   # the final loss curve of the law adapter"])
     assert len(final) == 1 and final[0].startswith(b"\x89PNG")
     report_cell = by_source['report = studio.evaluate(engine, models=["base", "law@prod", "medicine"], '
                             'dataset=datasets["law"],']
-    md = report_cell.outputs[0]["data"]["text/markdown"]
+    md = _markdown(report_cell)
     assert md.startswith("# Evaluation of base, law@v1, medicine@v1 on law-mini@v1")
     assert "## Cross-domain held-out loss" in md and "| medicine@v1 |" in md
     assert found["law"][2] == "law@v1"
