@@ -60,8 +60,8 @@ class _StudioModule(types.ModuleType):
     """The package's module type: importing the submodule studio.finetune must not rebind `studio.finetune`.
 
     The import system sets every loaded submodule as an attribute of its package, which would replace the
-    function with the module; `from studio.finetune import ...` and `python -m` still work, as they read
-    sys.modules."""
+    function with the module; `from studio.finetune import ...`, `importlib.import_module` and `python -m` still
+    work, as they read sys.modules (only `import studio.finetune as m` gives the function)."""
 
     def __setattr__(self, name: str, value) -> None:
         if name in _FUNCTIONS_OVER_MODULES and isinstance(value, types.ModuleType):

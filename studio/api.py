@@ -33,9 +33,10 @@ _CLI_ALIASES = {"lr": "learning_rate", "steps": "max_steps", "rank": "r", "confi
 class TrainEvent:
     """One event of a training run, as `finetune(on_event=...)` delivers it.
 
-    kind: "begin" (max_steps known), "step" (a logged training step: loss, learning rate, tokens/s, ETA),
-    "eval" (held-out loss; step 0 is the loss before training), "summary" (the trainer's closing averages) and
-    "end" (the run's metrics, after the adapter is saved and registered). `data` holds every logged value,
+    kind, in the order they come: "eval" at step 0 (the held-out loss before training), "begin" (max_steps
+    known), "step" (a logged training step: loss, learning rate, tokens/s, ETA), "eval" (held-out loss, every
+    eval_steps and at the end), "summary" (the trainer's closing averages) and "end" (the run's metrics, after
+    the adapter is saved and registered). `data` holds every logged value,
     e.g. aux_loss / lm_loss for architectures with a router auxiliary loss.
     """
 
