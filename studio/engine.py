@@ -69,6 +69,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the tokens generated so far, in [-2, 2]
 
     def validate(self, limit: int) -> None:
+        """Raise RequestError naming the bad setting (max_tokens over `limit`, temperature, top_p, ...)."""
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
             raise RequestError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
         if self.max_tokens > limit:
@@ -247,6 +248,7 @@ class Engine:
         return version.ref
 
     def resident(self) -> list[str]:
+        """The adapters loaded now, least recently used first."""
         return list(self._resident)
 
     def unload(self, ref: str) -> bool:
@@ -319,12 +321,14 @@ class Engine:
             req.cancelled = True
 
     def stats(self) -> dict:
+        """Base, resident adapters, queue lengths and counters (loads, evictions, switches, steps)."""
         with self._cv:
             waiting = len(self._waiting)
         return {"base": self.base_id, "resident": self.resident(), "max_resident": self.max_resident,
                 "waiting": waiting, "running": self._running_count, **dict(self.counters)}
 
     def close(self) -> None:
+        """Stop the scheduler thread (requests in flight finish first); `with Engine(...)` calls it."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()

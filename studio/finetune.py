@@ -68,11 +68,13 @@ def load_recipe(path: str) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = load_recipe(args.config) if args.config else {}
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = v
+    return build_config(args.config, {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)})
+
+
+def build_config(recipe: str | None, overrides: dict) -> TrainConfig:
+    """The recipe's values (if any), overridden by every option that is not None: the CLI and `studio.finetune`."""
+    values = load_recipe(recipe) if recipe else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = TrainConfig(**values)
     except TypeError as exc:

@@ -23,6 +23,8 @@ from studio.moe.plan import LoraSettings
 
 @dataclass
 class TrainConfig:
+    """Every training option, one per `studio finetune` flag (field help texts are the flags' help)."""
+
     # what
     base: str = field(default="tiny-moe", metadata={"help": "embedded name | local dir | hub id"})
     dataset: str = field(default="law", metadata={"help": "dataset registry ref (law, law@v2) or a file path"})
@@ -67,12 +69,16 @@ class TrainConfig:
                 "eager (the per-expert reference loop)"})
 
     def lora_settings(self) -> LoraSettings:
+        """The LoRA hyperparameters, validated (raises PlanError naming a bad r, alpha or dropout)."""
         return LoraSettings(r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora,
                             train_router=self.train_router)
 
 
 @dataclass
 class TrainResult:
+    """What a training run produced: run_dir, adapter_dir (PEFT files + studio_adapter.json), metrics,
+    registry_ref (when registered), cancelled, and the trained model (in-process callers only)."""
+
     run_dir: str
     adapter_dir: str
     metrics: dict

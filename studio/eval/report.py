@@ -52,6 +52,12 @@ class GenerationResult:
 
 @dataclass
 class EvalReport:
+    """The results of `studio.evaluate`: per model and held-out set, loss, routing, generations, metrics.
+
+    `to_markdown()` is report.md; `table()` a DataFrame; `save(dir)` writes JSON, Markdown, CSVs and plots; a
+    notebook renders the report as its Markdown.
+    """
+
     base: str
     base_fingerprint: str
     dataset: str                                   # the main dataset's name (its domain key)
@@ -71,13 +77,16 @@ class EvalReport:
 
     @property
     def model_names(self) -> list[str]:
+        """The evaluated models' names, the base first."""
         return [m.name for m in self.models]
 
     @property
     def adapters(self) -> list[ModelInfo]:
+        """The evaluated adapters (every model but the base)."""
         return [m for m in self.models if m.ref is not None]
 
     def loss(self, model: str, domain: str | None = None) -> LossCell | None:
+        """The held-out loss cell of a model on a domain (default: the main dataset), None if not evaluated."""
         return self.losses.get(model, {}).get(domain or self.dataset)
 
     def own_domain(self, m: ModelInfo) -> str | None:
@@ -160,6 +169,7 @@ class EvalReport:
         return rows
 
     def cross_domain_table(self):
+        """cross_domain_rows() as a pandas DataFrame (index: model)."""
         import pandas as pd
 
         return pd.DataFrame(self.cross_domain_rows()).set_index("model")
@@ -180,6 +190,7 @@ class EvalReport:
     # ---- serialisation --------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
+        """Everything, JSON-ready (report.json), with the verdicts and tables derived from it."""
         return {
             "base": self.base, "base_fingerprint": self.base_fingerprint, "dataset": self.dataset,
             "created": self.created, "settings": self.settings,
@@ -193,10 +204,12 @@ class EvalReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
+        """to_dict() as JSON; non-finite numbers become null."""
         return json.dumps(_finite(self.to_dict()), indent=indent)
 
     @classmethod
     def from_dict(cls, d: dict) -> EvalReport:
+        """The report back from to_dict()."""
         return cls(
             base=d["base"], base_fingerprint=d.get("base_fingerprint", ""), dataset=d["dataset"],
             models=[ModelInfo(**m) for m in d["models"]], domains=d["domains"],
@@ -210,12 +223,22 @@ class EvalReport:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EvalReport:
+        """A saved report: its report.json, or the directory holding it."""
         p = Path(path)
         return cls.from_dict(json.loads((p / "report.json" if p.is_dir() else p).read_text(encoding="utf-8")))
 
     # ---- Markdown -------------------------------------------------------------------------------
 
+    def to_markdown(self) -> str:
+        """The report as Markdown (report.md): verdicts, the metric table, cross-domain losses, routing, and
+        the side-by-side generations."""
+        return self.markdown()
+
+    def _repr_markdown_(self) -> str:
+        return self.markdown()
+
     def markdown(self) -> str:
+        """The report as Markdown; the same as to_markdown()."""
         ds = self.domains.get(self.dataset, {})
         s = self.settings
         lines = [f"# Evaluation of {', '.join(self.model_names)} on {ds.get('ref', self.dataset)}", "",

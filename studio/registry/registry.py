@@ -100,6 +100,7 @@ class AdapterRegistry:
 
     @property
     def db(self):
+        """This thread's connection to the SQLite catalog (one per thread and process)."""
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():  # never reuse a connection across fork
             conn = catalog.connect(self.root / "catalog.sqlite")
@@ -260,9 +261,11 @@ class AdapterRegistry:
     # ---- read -------------------------------------------------------------------------------
 
     def domains(self) -> list[str]:
+        """Every domain with at least one registered version, sorted."""
         return [r[0] for r in self.db.execute("SELECT DISTINCT domain FROM versions ORDER BY domain")]
 
     def list(self, domain: str | None = None) -> list[AdapterVersion]:
+        """Every version (of one domain, or of all), by domain then number, with aliases and metrics."""
         if domain is None:
             rows = self.db.execute("SELECT * FROM versions ORDER BY domain, number").fetchall()
         else:
@@ -271,6 +274,11 @@ class AdapterRegistry:
             if not rows and not self.db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone():
                 raise RegistryError(self._unknown_domain(domain))
         return self._rows_to_versions(rows)
+
+    def show(self, ref) -> AdapterVersion:
+        """One version with everything `studio registry show` prints: lineage (base, quantization, plan,
+        dataset, hyperparameters), aliases, parent, metrics and their history, files."""
+        return self.resolve(ref)
 
     def _unknown_domain(self, domain: str) -> str:
         known = self.domains()
@@ -521,6 +529,7 @@ class AdapterRegistry:
                  "at": r["at"], "note": r["note"]} for r in rows]
 
     def aliases(self, domain: str) -> dict[str, int]:
+        """A domain's aliases and the version number each points at, e.g. {"prod": 3}."""
         check_domain(domain)
         return self._alias_map(domain)
 
@@ -627,10 +636,12 @@ class AdapterRegistry:
         return transfer.remote_add(self, name, url, storage_options, create=create)
 
     def remote_remove(self, name: str) -> None:
+        """Forget a named remote (its store is left as it is)."""
         from studio.registry import transfer
         transfer.remote_remove(self, name)
 
     def remotes(self) -> list[dict]:
+        """The configured remotes: name, fsspec URL and storage options."""
         return [{"name": r["name"], "url": r["url"], "options": json.loads(r["options"])}
                 for r in self.db.execute("SELECT * FROM remotes ORDER BY name")]
 
