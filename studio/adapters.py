@@ -164,9 +164,12 @@ def save_adapter(model: nn.Module, plan: LoraPlan, out_dir: str | os.PathLike, a
 
 def _sort_config_lists(path: Path) -> None:
     """PEFT keeps target_modules as a set and saves it in hash order, which changes from run to run: the same plan
-    would give different config bytes (a spurious `registry diff` change). Save the name lists sorted."""
+    would give different config bytes (a spurious `registry diff` change). Save those name lists sorted.
+    `target_parameters` keeps its order: it is already deterministic (the plan's), and PEFT nests one ParamWrapper per
+    listed parameter of a module in that order, which names the saved keys (`experts.base_layer.lora_A` is the first
+    listed); sorting it would make PEFT and `studio export` read gate_up_proj's factors as down_proj's."""
     cfg = json.loads(path.read_text())
-    for key in ("target_modules", "target_parameters", "modules_to_save"):
+    for key in ("target_modules", "modules_to_save"):
         if isinstance(cfg.get(key), list):
             cfg[key] = sorted(cfg[key])
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -100,6 +100,7 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
+        """Whether logit_bias or a presence/frequency penalty changes the logits before sampling."""
         return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
 

@@ -58,7 +58,7 @@ def test_quickstart_script(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     _check_losses(out)
-    assert "trainable parameters:" in out and "TOTAL (estimated peak)" in out  # the plan and its memory table
+    assert "trainable parameters (LoRA):" in out and "TOTAL (estimated peak)" in out  # the plan and its memory table
     # the printed training losses are the trainer's logged ones
     printed = re.search(r"law training losses: (.*) \(plot", out)[1].split(", ")
     logged = [json.loads(line) for line in open(tmp_path / "runs/quickstart/law/training_log.jsonl")]
