@@ -66,7 +66,7 @@ def test_readme_blocks_are_parsed():
     blocks = readme_blocks((REPO / "README.md").read_text())
     flat = [c for _, cmds in blocks for c in cmds]
     assert flat[0].startswith("pip install torch==2.13.0 -e . -c constraints.txt && python -m studio.finetune")
-    assert any(c.startswith("studio registry diff law@v1 law@v2") for c in flat)
+    assert any(c.startswith("studio registry diff law@v1 law@v3") for c in flat)
     assert any(SERVER in c for c in flat) and any(l == "python" for l, _ in blocks)
     assert not any("[" in c.split("#")[0] and "'.[" not in c for l, cmds in blocks if l == "bash" for c in cmds), \
         "a README command has [optional] syntax that a shell cannot run"
@@ -199,9 +199,9 @@ def test_every_readme_command_runs_in_a_fresh_clone(tmp_path):
     assert skipped  # the GPU example and the CI script (it runs this suite: it cannot run inside it)
     # the suite's own environment is untouched: same distributions, same .pth files
     assert _installed(suite_dirs) == before
-    # what the README says happened did: two law versions, prod back on v2 after the rollback, pushed and pulled
+    # what the README says happened did: three law versions (quickstart, Python API, short run), pushed and pulled
     reg = subprocess.run(["studio", "registry", "list", "law", "--json"], cwd=clone, env=env, capture_output=True,
                          text=True, check=True).stdout
-    assert '"law@v1"' in reg and '"law@v2"' in reg and '"law@v3"' not in reg, reg[:2000]
+    assert all(f'"law@v{i}"' in reg for i in (1, 2, 3)) and '"law@v4"' not in reg, reg[:2000]
     assert (clone / "shared-registry").is_dir()
     assert list((clone / "runs" / "eval-law").glob("report.*"))
