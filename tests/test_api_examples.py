@@ -13,11 +13,11 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from serving_fixtures import wait_until_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 LOSS_LINE = re.compile(r"^(law|medicine): held-out loss before ([\d.]+) -> after ([\d.]+), registered as (\S+)$",
@@ -163,16 +163,7 @@ def test_readme_python_blocks(tmp_path):
                     server = subprocess.Popen([sys.executable, "-m", "studio.server", "--port", str(port),
                                                "--max-wait-ms", "0"], cwd=tmp_path, env=env,
                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                    deadline = time.monotonic() + 180
-                    while True:
-                        try:
-                            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                                break
-                        except httpx.HTTPError:
-                            pass
-                        assert server.poll() is None, server.stdout.read()
-                        assert time.monotonic() < deadline, "studio serve did not come up"
-                        time.sleep(0.5)
+                    wait_until_serving(server, f"http://127.0.0.1:{port}", timeout=180, interval=0.5)
                 block = block.replace("http://127.0.0.1:8000", f"http://127.0.0.1:{port}")
             proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True,
                                   text=True, timeout=1800)

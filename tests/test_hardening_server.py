@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from serving_fixtures import build_registry
+from serving_fixtures import build_registry, wait_until_serving
 from studio.engine import Engine
 from studio.server import BackgroundServer, Server
 
@@ -299,16 +299,7 @@ def test_studio_serve_rss_stays_bounded_under_four_10mb_bodies(stack):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "studio serve did not come up"
-            time.sleep(0.3)
+        wait_until_serving(proc, url, timeout=120, interval=0.3)
         ps = psutil.Process(proc.pid)
         httpx.post(f"{url}/v1/completions", json={"model": "tiny-moe", "prompt": "warm", "max_tokens": 1}, timeout=60)
         base_rss = ps.memory_info().rss

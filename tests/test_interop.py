@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from serving_fixtures import build_registry
+from serving_fixtures import build_registry, wait_until_serving
 from studio.engine import Engine, SamplingParams
 from studio.server import BackgroundServer, Server
 
@@ -39,16 +38,7 @@ def served(tmp_path_factory):
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "studio serve did not come up"
-            time.sleep(0.3)
+        wait_until_serving(proc, url, timeout=120, interval=0.3)
         yield {"engine": engine, "url": url, "root": root, "registry": registry,
                "client": openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)}
     finally:

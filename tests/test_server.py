@@ -1,7 +1,6 @@
 """The OpenAI-compatible server, driven by the official `openai` client on 127.0.0.1."""
 
 import concurrent.futures
-import json
 import os
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from serving_fixtures import build_registry, make_real_adapter
+from serving_fixtures import build_registry, make_real_adapter, wait_until_serving
 from studio.engine import Engine, SamplingParams
 from studio.server import BackgroundServer, Server
 
@@ -220,16 +219,7 @@ def test_studio_serve_command(tmp_path, stack):
                              "--adapters", "medicine@prod", "--port", str(port), "--max-wait-ms", "0"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "studio serve did not come up"
-            time.sleep(0.5)
+        wait_until_serving(proc, f"http://127.0.0.1:{port}", timeout=120, interval=0.5)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         r = client.chat.completions.create(model="medicine@prod", messages=CHAT, max_tokens=5, temperature=0)
         assert r.system_fingerprint == "tiny-moe+medicine@v1"

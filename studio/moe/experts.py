@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from studio.moe.grouped import DEFAULT_WORKSPACE_BYTES, LAYOUTS, GroupedExpertProjection, Routing
+from studio.moe.grouped import DEFAULT_WORKSPACE_BYTES, GroupedExpertProjection, Routing
 
 EXPERTS_IMPLS = ("grouped", "eager")
 QUANTIZE_CHUNK_ELEMENTS = 2 ** 21  # elements per bitsandbytes call when quantizing an expert stack
