@@ -149,16 +149,10 @@ def save_adapter(model: nn.Module, plan: LoraPlan, out_dir: str | os.PathLike, a
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
         tmp.rmdir()
-    elif out.exists():
-        import shutil
-
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
     else:
-        os.rename(tmp, out)
+        from studio.paths import replace_directory
+
+        replace_directory(tmp, out)
     return out
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from studio.errors import ModelError, StudioError
+from studio.paths import replace_directory
 
 FORMATS = ("peft", "per-expert", "merged")
 MANIFEST_FILE = "export_manifest.json"
@@ -362,14 +363,7 @@ def export_adapter(ref: str, fmt: str, output: str | os.PathLike, registry=None,
                     "dtype": dtype if fmt == "merged" else None, "warnings": notes, "files": entries}
         # written last: its presence in the renamed directory means every file listed is complete
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -49,3 +49,18 @@ def adapters_root() -> Path:
         return Path(env).expanduser()
     root = repo_root()
     return root / "adapters" if root else studio_home() / "adapters"
+
+
+def replace_directory(tmp: Path, out: Path) -> None:
+    """Move the finished directory `tmp` to `out` in place of whatever is there: the old copy is renamed aside
+    first and removed last, so `out` is at every moment either the old complete copy or the new one."""
+    import shutil
+
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
