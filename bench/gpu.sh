@@ -5,7 +5,7 @@
 #
 # Prepare once on the CPU machine (the GPU machine reaches no package registry, and its image lacks bitsandbytes
 # and carries older transformers/peft): `bash bench/gpu.sh --fetch-wheels` downloads the pinned wheels into
-# .gpu-wheels/ (ignored by git, about 60 MiB); carry that folder with the run (device tool: carry [".gpu-wheels"]).
+# .gpu-wheels/ (git-ignored, about 55 MiB); carry that folder with the run (device tool: carry [".gpu-wheels"]).
 # Results land in $OUT (or ./gpu-results): gpu_checks.jsonl, train_step_*.txt/json. Copy the figures into
 # BENCHMARKS.md.
 set -euo pipefail
@@ -13,7 +13,6 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     mkdir -p .gpu-wheels
-    grep -qx '/.gpu-wheels/' .git/info/exclude 2>/dev/null || echo '/.gpu-wheels/' >> .git/info/exclude
     for pkg in bitsandbytes transformers peft; do
         pin=$(grep -i "^${pkg}==" constraints.txt)
         pip download --no-deps --only-binary=:all: --platform manylinux_2_24_x86_64 --python-version 3.12 \
