@@ -80,7 +80,7 @@ class _Place(torch.autograd.Function):
 
 class Routing:
     """One layer's assignments sorted by expert: which experts are hit (`hit`, G of them), their row counts, and,
-    for the sorted rows, the token (`token`) and the flat top-k slot (`slot`) each came from.
+    for the sorted rows, the flat top-k slot (`slot`, token * top_k + position) each came from.
 
     Rows live in one of two layouts, chosen per layer:
     * padded [G, cap, d]: each hit expert's rows zero-padded to the largest count; products are `torch.bmm`.
@@ -106,7 +106,6 @@ class Routing:
         self.groups = len(hit)
         self.rows = sum(self.counts)
         self.slot = order[: self.rows]
-        self.token = self.slot // k
         self.cap = max(self.counts, default=0)
         if layout == "auto":
             if _grouped_mm_fast(device, dtype) or self.groups * self.cap > MAX_PADDING_WASTE * max(self.rows, 1):
