@@ -103,6 +103,34 @@ def router_parameters(model: nn.Module, plan: LoraPlan) -> dict[str, torch.Tenso
     return {f"{PREFIX}{p}.weight": model.get_submodule(p).weight for p in plan.router_targets}
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: FSDP2 holds DTensor shards, gathered here (a collective: every rank calls it,
+    in the same order, which the name-ordered dicts above give)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def adapter_state(model: nn.Module, plan: LoraPlan, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """PEFT-format key -> the adapter's full tensors on the CPU (LoRA factors in float32, trained router weights
+    as stored). Under FSDP2 every rank must call this (the shards are all-gathered)."""
+    state = {k: _full(v.detach()).to("cpu", torch.float32).contiguous()
+             for k, v in adapter_parameters(model, adapter).items()}
+    state.update({k: _full(v.detach()).to("cpu").contiguous() for k, v in router_parameters(model, plan).items()})
+    return state
+
+
+def load_into(live: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into live parameters; a sharded (FSDP2 DTensor) parameter takes its own shard of it
+    (every rank read the same file, so no communication is needed)."""
+    with torch.no_grad():
+        for k, p in live.items():
+            w = weights[k].to(p.dtype)
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                w = distribute_tensor(w.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(w)
+
+
 def set_active_adapter(model: nn.Module, adapter: str | None) -> None:
     """Route every LoRA layer to `adapter` (None: the bare base)."""
     for _, module in _lora_layers(model):
@@ -126,16 +154,17 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
 
 
 def save_adapter(model: nn.Module, plan: LoraPlan, out_dir: str | os.PathLike, adapter: str = "default",
-                 base_id: str | None = None, metadata: dict | None = None, into_existing: bool = False) -> Path:
+                 base_id: str | None = None, metadata: dict | None = None, into_existing: bool = False,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter in PEFT's format (+ studio metadata) atomically: files go to a temp dir renamed last.
+    `state`: the tensors as `adapter_state` returned them (under FSDP every rank gathers, one rank writes).
 
     `into_existing=True` (trainer checkpoints) moves each file into `out_dir` instead of replacing the folder,
     so files other processes wrote there (optimizer, RNG states of every rank) survive."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_parameters(model, adapter).items()}
-    state.update({k: v.detach().to("cpu").contiguous() for k, v in router_parameters(model, plan).items()})
+    state = adapter_state(model, plan, adapter) if state is None else state
     if not state:
         raise ModelError(f"adapter {adapter!r} has no weights on this model")
     save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

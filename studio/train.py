@@ -95,19 +95,43 @@ def _build_trainer_class():
         studio_plan = None
         studio_base_id = None
 
-        def _save(self, output_dir=None, state_dict=None):
-            from studio.adapters import save_adapter
+        def create_accelerator_and_postprocess(self):
+            from studio.distributed import enable_fsdp
 
+            super().create_accelerator_and_postprocess()
+            enable_fsdp(self)  # FSDP2 on CPU processes too, parameters gathered as stored (see there)
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            # every rank: under FSDP2 the adapter's shards are gathered (a collective), then rank 0 writes
+            self._save(output_dir)
+
+        def _save(self, output_dir=None, state_dict=None):
+            from studio.adapters import adapter_state, save_adapter
+
+            state = adapter_state(self.model, self.studio_plan, "default")
             if not self.args.should_save:
                 return
             output_dir = output_dir or self.args.output_dir
             save_adapter(self.model, self.studio_plan, output_dir, "default", base_id=self.studio_base_id,
-                         metadata={"checkpoint": True}, into_existing=True)
+                         metadata={"checkpoint": True}, into_existing=True, state=state)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            if not self.is_fsdp_enabled:
+                return super()._save_optimizer_and_scheduler(output_dir)
+            # Under FSDP, transformers would also write the whole sharded model (the quantized base included); the
+            # checkpoint's model state is the adapter (_save). The optimizer's shards go through accelerate (one
+            # torch.distributed.checkpoint folder, which transformers' resume path reads back).
+            from accelerate.utils import save_fsdp_optimizer
+
+            save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                                output_dir)
+            if self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             from safetensors.torch import load_file
 
-            from studio.adapters import adapter_parameters, router_parameters
+            from studio.adapters import adapter_parameters, load_into, router_parameters
 
             weights = load_file(os.path.join(resume_from_checkpoint, "adapter_model.safetensors"))
             live = adapter_parameters(model or self.model, "default")
@@ -116,9 +140,7 @@ def _build_trainer_class():
             if missing:
                 raise ModelError(f"checkpoint {resume_from_checkpoint} lacks {len(missing)} adapter tensors "
                                  f"(e.g. {missing[0]}): was it made with another plan?")
-            with torch.no_grad():
-                for k, p in live.items():
-                    p.copy_(weights[k].to(p.dtype))
+            load_into(live, weights)  # under FSDP2 each rank keeps its shard
 
     return StudioSFTTrainer
 
@@ -373,6 +395,9 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+    from studio.distributed import check_fsdp_quant
+
+    check_fsdp_quant(cfg.quant)
     set_seed(cfg.seed)
     p = prepare(cfg, log)
     loaded, plan, dataset = p["loaded"], p["plan"], p["dataset"]
@@ -428,10 +453,24 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
             trainer.remove_callback(cb)  # replaced by StudioProgress (a terminal) or PlainProgress (a file or pipe)
         trainer.studio_plan, trainer.studio_base_id = plan, cfg.base
         metrics: dict = {}
-        if eval_ds is not None and not resume:
+        def evaluate_before():
             before = trainer.evaluate()
             metrics["eval_loss_before"] = _lm_loss(before, aux_coef, "eval_")
             log(f"held-out loss before training: {metrics['eval_loss_before']:.4f}")
+
+        if eval_ds is not None and not resume:
+            if trainer.is_fsdp_enabled:
+                # accelerate shards a model under FSDP2 only together with its optimizer, which train() makes:
+                # evaluate once it has, before the first step
+                from transformers import TrainerCallback
+
+                class EvaluateBefore(TrainerCallback):
+                    def on_train_begin(self, args, state, control, **kw):
+                        evaluate_before()
+
+                trainer.add_callback(EvaluateBefore())
+            else:
+                evaluate_before()
         out = trainer.train(resume_from_checkpoint=resume)
         metrics["train_loss"] = out.training_loss
         metrics["steps"] = trainer.state.global_step
@@ -453,9 +492,16 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
     aux = [h["aux_loss"] for h in trainer.state.log_history if "aux_loss" in h]
     if aux:
         metrics["aux_loss"] = aux[-1]
+    from studio.adapters import adapter_state
+    from studio.distributed import expert_storage, format_expert_storage, world_size
+
+    if world_size() > 1:  # every rank: an all_gather of the bytes each holds
+        metrics["expert_storage"] = expert_storage(model)
+        log(format_expert_storage(metrics["expert_storage"]))
+    state = adapter_state(model, plan, "default")  # every rank: under FSDP2 the shards are gathered
     result = TrainResult(run_dir=str(run_dir), adapter_dir=str(run_dir / "adapter"), metrics=metrics,
                          cancelled=cancelled, model=model)
-    if not trainer.args.should_save:  # non-main DDP ranks stop here
+    if not trainer.args.should_save:  # only rank 0 writes the adapter, the log and the registry entry
         return result
     metadata = {
         "domain": p["domain"],
@@ -470,7 +516,7 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
         "cancelled": cancelled,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    save_adapter(model, plan, result.adapter_dir, "default", base_id=cfg.base, metadata=metadata)
+    save_adapter(model, plan, result.adapter_dir, "default", base_id=cfg.base, metadata=metadata, state=state)
     if log_path.exists():
         import shutil
 

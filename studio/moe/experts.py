@@ -22,6 +22,14 @@ from studio.moe.grouped import DEFAULT_WORKSPACE_BYTES, GroupedExpertProjection,
 
 EXPERTS_IMPLS = ("grouped", "eager")
 QUANTIZE_CHUNK_ELEMENTS = 2 ** 21  # elements per bitsandbytes call when quantizing an expert stack
+# The quantized store's tensors that are one lookup table shared by all experts (bitsandbytes' 16-entry NF4/FP4
+# code, the 256-entry code of the nested statistics): kept as buffers, replicated on every rank.
+SHARED_SUFFIXES = ("code", "code2")
+# STORAGE_NOTE: every other tensor of the store (packed 4-bit codes, int8 codes, absmax, nested statistics,
+# offsets, scales) has the expert as its dim 0 and is a frozen (requires_grad=False) nn.Parameter, not a buffer:
+# FSDP2's fully_shard shards parameters only (on dim 0), so under FSDP2 each rank holds 1/N of every layer's
+# experts and all-gathers a layer just for its forward and backward. Being parameters changes nothing on one
+# process: they are frozen, never handed to the optimizer, and read the same way as the buffers were.
 
 @dataclass(frozen=True)
 class ExpertQuant:
@@ -238,7 +246,10 @@ class StudioExperts(nn.Module):
                 self.register_parameter(name, nn.Parameter(w, requires_grad=False))
             else:
                 for suffix, t in (stored or quantize_expert_stack(w, quant)).items():
-                    self.register_buffer(f"{name}_{suffix}", t)
+                    if suffix in SHARED_SUFFIXES:  # one small lookup table for all experts: replicated
+                        self.register_buffer(f"{name}_{suffix}", t)
+                    else:  # per-expert codes and statistics (dim 0 = expert): frozen parameters, see STORAGE_NOTE
+                        self.register_parameter(f"{name}_{suffix}", nn.Parameter(t, requires_grad=False))
             bias = params.get(f"{name}_bias")
             if bias is not None:
                 self.register_parameter(f"{name}_bias", nn.Parameter(bias.detach(), requires_grad=False))
@@ -332,13 +343,23 @@ class StudioExperts(nn.Module):
         packed = take(getattr(self, f"{name}_nf4"))
         return bnbf.dequantize_4bit(packed.reshape(-1, 1), state).view(n, rows, cols)
 
-    def storage_bytes(self) -> int:
-        """Bytes held for the fused expert weights (quantized data + statistics, or the dense tensors)."""
-        total = 0
+    def storage_bytes(self, resident: bool = False) -> int:
+        """Bytes of the fused expert weights (quantized data + statistics, or the dense tensors): their full size,
+        or with `resident` what this process holds right now, i.e. under FSDP2 outside a forward its shards
+        (the local storage of each DTensor, FSDP's padding included)."""
+        total, seen = 0, set()
         for name in self.weight_names:
             for key, t in list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False)):
-                if key == name or (key.startswith(f"{name}_") and not key.endswith("_bias")):
+                if not (key == name or (key.startswith(f"{name}_") and not key.endswith("_bias"))):
+                    continue
+                if not resident:
                     total += t.numel() * t.element_size()
+                    continue
+                local = t.to_local() if hasattr(t, "to_local") else t
+                storage = local.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
         return total
 
     # ---------- adapters ----------
