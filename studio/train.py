@@ -177,6 +177,19 @@ class _Cancel:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _any_rank(flag: bool) -> bool:
+    """`flag` of any rank, on every rank: each process checks the cancel file (or got Ctrl-C) on its own, and all
+    must stop after the same step and save the same checkpoint (under FSDP saving is a collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _callbacks(cancel: _Cancel, log_path: Path, aux_coef: float, on_event):
     from transformers import TrainerCallback
 
@@ -209,7 +222,7 @@ def _callbacks(cancel: _Cancel, log_path: Path, aux_coef: float, on_event):
             if self.step_started is not None:
                 self.step_time += time.perf_counter() - self.step_started
                 self.step_started = None
-            if cancel.check():
+            if _any_rank(cancel.check()):
                 control.should_training_stop = True
                 control.should_save = True
 
