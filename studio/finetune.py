@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the LoRA plan and a memory estimate, then exit without loading weights")
     parser.add_argument("--device-memory", default=None,
                         help="memory budget for the dry-run check, e.g. 80GiB (default: this machine's)")
+    parser.add_argument("--num-devices", type=int, default=1,
+                        help="dry run: estimate per device for FSDP2 over N devices (default 1)")
     # ---- every TrainConfig field, with its help text
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -102,9 +104,9 @@ def meta_parts(base: str):
     return config, model, arch, comps
 
 
-def plan_and_estimate(cfg: TrainConfig, device_memory: str | None = None):
+def plan_and_estimate(cfg: TrainConfig, device_memory: str | None = None, num_devices: int = 1):
     """The LoRA plan of `cfg` on its base and training-memory estimates for the chosen quantization, QLoRA 4-bit and
-    16-bit LoRA (in that order, without repeats); loads no weights."""
+    16-bit LoRA (in that order, without repeats), per device of `num_devices` under FSDP2; loads no weights."""
     from studio.models.memory import estimate_training_memory, parse_bytes
     from studio.moe.plan import build_plan
 
@@ -114,24 +116,26 @@ def plan_and_estimate(cfg: TrainConfig, device_memory: str | None = None):
     groups = sorted({g.group for g in plan.groups})
     estimates = [estimate_training_memory(config, quant=q, r=cfg.r, targets=groups, seq_len=cfg.seq_len,
                                           batch_size=cfg.batch_size, grad_checkpointing=cfg.grad_checkpointing,
-                                          double_quant=cfg.double_quant, device_bytes=budget)
+                                          double_quant=cfg.double_quant, device_bytes=budget,
+                                          num_devices=num_devices)
                  for q in dict.fromkeys([cfg.quant, "4bit", "none"])]
     return plan, estimates
 
 
-def dry_run(cfg: TrainConfig, device_memory: str | None = None) -> int:
+def dry_run(cfg: TrainConfig, device_memory: str | None = None, num_devices: int = 1) -> int:
     """Plan on a weightless (meta-device) copy of the base and estimate memory; loads no weights."""
-    from studio.models.memory import format_comparison, parse_bytes
+    from studio.models.memory import count_parameters, format_comparison, min_devices_line, parse_bytes
 
-    from studio.models.memory import count_parameters
-
-    plan, estimates = plan_and_estimate(cfg, device_memory)
+    plan, estimates = plan_and_estimate(cfg, device_memory, num_devices)
     print(f"base {cfg.base}")
     print(count_parameters(meta_parts(cfg.base)[0]).format_report())  # total and active-per-token parameters
     print()
     print(plan.format())
     print()
     print(format_comparison(estimates))
+    line = min_devices_line(meta_parts(cfg.base)[0], estimates, double_quant=cfg.double_quant)
+    if line:
+        print(line)
     if not estimates[0].fits(parse_bytes(device_memory) if device_memory else None):
         print(f"\nwarning: quant={cfg.quant} is estimated NOT to fit; try --quant 4bit, a smaller --batch-size or "
               f"--seq-len, or --grad-checkpointing", file=sys.stderr)
@@ -143,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if args.dry_run:
-        return dry_run(cfg, args.device_memory)
+        return dry_run(cfg, args.device_memory, args.num_devices)
     result = run_training(cfg)
     if not is_main_process():  # the summary once, from the process that wrote the adapter
         return 0

@@ -208,3 +208,74 @@ def test_every_recipe_base_can_be_planned_offline():
         if base:
             counts = M.count_parameters(resolve_base(base, config_only=True).config)
             assert counts.num_experts > 1, recipe.name
+
+
+def test_fsdp2_per_device_estimate_for_deepseek_v3_4bit_on_8_devices_by_hand():
+    """QLoRA 4-bit r=16 on attention + routed experts, 8 devices under FSDP2, computed from DeepSeek-V3's shapes."""
+    cfg = known_config("deepseek-ai/DeepSeek-V3")
+    n, r, h, bf16 = 8, 16, 7168, 2
+    est = M.estimate_training_memory(cfg, "4bit", r=r, targets="attention,experts", seq_len=2048, batch_size=1,
+                                     device_bytes=80 * M.GiB, num_devices=n)
+    one = M.estimate_training_memory(cfg, "4bit", r=r, targets="attention,experts", seq_len=2048, batch_size=1,
+                                     device_bytes=80 * M.GiB)
+
+    def nf4(numel):  # packed codes + one fp32 absmax per 64 weights
+        return numel // 2 + 4 * (numel // 64)
+
+    layers, moe_layers, experts, inter = 61, 58, 256, 2048
+    attn = [(1536, h), (24576, 1536), (576, h), (32768, 512), (h, 16384)]  # MLA: q_a, q_b, kv_a, kv_b, o
+    routed_layer = nf4(experts * 2 * inter * h) + nf4(experts * h * inter)
+    rows = {row.component: row.bytes for row in est.base_rows}
+    # routed experts: the studio's frozen parameters, sharded: 1/8 each
+    assert rows["routed_experts"] == moe_layers * routed_layer // n
+    # attention and shared experts are bitsandbytes Linear4bit: left out of fully_shard, whole on every device
+    assert rows["attention"] == layers * sum(nf4(o * i) for o, i in attn)
+    assert rows["shared_experts"] == moe_layers * 3 * nf4(inter * h)
+    # bf16 tensors are sharded
+    assert rows["lm_head"] == 129280 * h * bf16 // n
+    assert rows["router"] == moe_layers * experts * h * bf16 // n
+    # LoRA: r*(in+out) per attention linear, r*(in+out)*E per fused expert stack; weights, grads, AdamW all 1/8
+    lora = layers * r * sum(o + i for o, i in attn) + moe_layers * r * experts * ((2 * inter + h) + (h + inter))
+    assert est.lora_params == lora
+    assert est.lora_weight_bytes == est.lora_grad_bytes == 4 * lora // n and est.optimizer_bytes == 8 * lora // n
+    # gathered: the largest layer (a MoE layer) at full size, twice (current + prefetched), with its LoRA weights
+    # and gradients (fp32); plus lm_head and the final norm, kept gathered from forward to backward
+    norms_layer = (1536 + 512 + 2 * h) * bf16
+    lora_layer = r * sum(o + i for o, i in attn) + r * experts * ((2 * inter + h) + (h + inter))
+    layer_full = routed_layer + experts * h * bf16 + norms_layer + 8 * lora_layer
+    assert est.gathered_bytes == 2 * layer_full + 129280 * h * bf16 + h * bf16
+    # activations, logits, workspace and overhead are per-device-batch figures, as on one device
+    for attr in ("activation_bytes", "logits_bytes", "workspace_bytes", "overhead_bytes", "load_peak_bytes"):
+        assert getattr(est, attr) == getattr(one, attr), attr
+    expected = (sum(rows.values()) + 16 * lora // n + est.gathered_bytes + est.activation_bytes + est.logits_bytes
+                + est.workspace_bytes + est.overhead_bytes)
+    assert est.total_bytes == expected
+    print(f"DeepSeek-V3 QLoRA 4-bit, per device of 8: {M.human_bytes(est.total_bytes)} "
+          f"(one device: {M.human_bytes(one.total_bytes)})")
+    assert 75 * M.GiB < est.total_bytes < 90 * M.GiB  # 83.4 GiB: just over an 80 GiB device
+    assert not est.fits() and est.fits(141 * M.GiB)  # 8 x H200 (141 GiB) hold it
+    assert M.smallest_num_devices(cfg, 80 * M.GiB, quant="4bit", r=r, targets="attention,experts",
+                                  seq_len=2048) == 9
+    # the unsharded load (every process loads the whole 4-bit base first) is reported, not hidden
+    assert est.load_peak_bytes > 300 * M.GiB and est.fits(141 * M.GiB) and not est.load_fits(141 * M.GiB)
+
+
+def test_cli_plan_and_dry_run_take_num_devices(capsys):
+    rc = main(["models", "plan", "--base", "deepseek-ai/DeepSeek-V3", "--device-memory", "80GiB",
+               "--num-devices", "8", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0 and data["estimates"]["4bit"]["num_devices"] == 8
+    assert data["smallest_num_devices"] == {"4bit": 9, "none": 51}
+    rc = main(["models", "plan", "--base", "deepseek-ai/DeepSeek-V3", "--device-memory", "141GiB",
+               "--num-devices", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "per device of 8 under FSDP2" in out and "FSDP2 gathered layers" in out
+    assert "smallest number of devices of 141.00 GiB" in out and "loading is not sharded yet" in out
+    from studio.finetune import main as finetune_main
+
+    rc = finetune_main(["--config", "recipes/mixtral-8x7b-law.yaml", "--dry-run", "--device-memory", "24GiB",
+                        "--num-devices", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "per device of 4 under FSDP2" in out and "smallest number of devices of 24.00 GiB" in out
+    with pytest.raises(PlanError, match="num-devices"):
+        M.estimate_training_memory(known_config("deepseek-ai/DeepSeek-V3"), device_bytes=0, num_devices=0)

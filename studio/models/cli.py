@@ -51,6 +51,8 @@ def register(subparsers) -> None:
     # device
     plan.add_argument("--device-memory", default=None,
                       help="memory to fit, e.g. 80GiB, 24GB (default: the CUDA GPU if any, else system RAM)")
+    plan.add_argument("--num-devices", type=int, default=1,
+                      help="estimate per device for FSDP2 over N devices (default 1: one device, no sharding)")
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.set_defaults(func=_plan)
 
@@ -131,10 +133,17 @@ def _plan(args) -> int:
     estimates = [memory.estimate_training_memory(
         base.config, quant=q, r=args.r, targets=args.targets, seq_len=args.seq_len, batch_size=args.batch_size,
         grad_checkpointing=not args.no_grad_checkpointing, compute_dtype=args.compute_dtype,
-        double_quant=args.double_quant, device_bytes=device_bytes, counts=counts) for q in quants]
+        double_quant=args.double_quant, device_bytes=device_bytes, counts=counts, num_devices=args.num_devices)
+        for q in quants]
+    smallest = {e.quant: memory.smallest_num_devices(
+        base.config, e.device_bytes, quant=e.quant, r=args.r, targets=args.targets, seq_len=args.seq_len,
+        batch_size=args.batch_size, grad_checkpointing=not args.no_grad_checkpointing,
+        compute_dtype=args.compute_dtype, double_quant=args.double_quant, counts=counts)
+        for e in estimates if e.device_bytes}
     if args.json:
         _print_json({"base": {"ref": base.ref, "kind": base.kind, "path": str(base.path) if base.path else None},
-                     "counts": counts.to_dict(), "estimates": {e.quant: e.to_dict() for e in estimates}})
+                     "counts": counts.to_dict(), "estimates": {e.quant: e.to_dict() for e in estimates},
+                     "smallest_num_devices": smallest})
         return 0
     source = f"{base.kind}" + (f", {base.path}" if base.path else ", shipped copy of the published config"
                                                                     if base.kind == "hub" else "")
@@ -143,6 +152,10 @@ def _plan(args) -> int:
     print(trainable_line(estimates[0].lora_params, counts.total) + f" with --targets {args.targets} --r {args.r}")
     print()
     print(memory.format_comparison(estimates))
+    if smallest:
+        print(f"smallest number of devices of {memory.human_bytes(estimates[0].device_bytes)} that fits (training "
+              f"peak; FSDP2 beyond 1): "
+              + ", ".join(f"{e.label} {smallest[e.quant] or 'none up to 4096'}" for e in estimates))
     if not resolve.is_moe_config(base.config):
         print("warning: this base is dense (no routed experts); the studio's trainer adapts MoE bases")
     return 0

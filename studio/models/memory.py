@@ -250,6 +250,9 @@ class MemoryEstimate:
     workspace_bytes: int = 0
     load_transient_bytes: int = 0
     overhead_bytes: int = DEFAULT_OVERHEAD_BYTES
+    num_devices: int = 1                # FSDP2 over this many devices: the rows are per device
+    gathered_bytes: int = 0             # FSDP2: layers all-gathered at a time (see estimate_training_memory)
+    full_base_weight_bytes: int = 0     # the whole frozen base, as one process loads it
     device_bytes: int | None = None
     device_name: str = ""
     warnings: list[str] = field(default_factory=list)
@@ -267,6 +270,7 @@ class MemoryEstimate:
                 Row(f"activations ({act})", 0, self.activation_bytes, _DTYPE_SHORT[self.compute_dtype]),
                 Row("logits + loss", 0, self.logits_bytes, "fp32"),
                 Row("dequant workspace", 0, self.workspace_bytes, _DTYPE_SHORT[self.compute_dtype]),
+                Row("FSDP2 gathered layers", 0, self.gathered_bytes, "-"),
                 Row("runtime overhead", 0, self.overhead_bytes, "-")]
 
     @property
@@ -275,8 +279,10 @@ class MemoryEstimate:
 
     @property
     def load_peak_bytes(self) -> int:
-        """Peak while loading: the frozen weights in their final form + the largest transient dense tensors."""
-        return self.base_weight_bytes + self.load_transient_bytes + self.overhead_bytes
+        """Peak while loading: the frozen weights in their final form + the largest transient dense tensors. Under
+        FSDP2 every process loads the whole (quantized) base before fully_shard keeps its shards: the loader is not
+        sharded, so this is the single-device figure whatever the number of devices."""
+        return (self.full_base_weight_bytes or self.base_weight_bytes) + self.load_transient_bytes + self.overhead_bytes
 
     @property
     def label(self) -> str:
@@ -284,9 +290,17 @@ class MemoryEstimate:
             self.quant]
 
     def fits(self, device_bytes: int | None = None) -> bool:
-        """Whether the estimate fits `device_bytes` (default: the device memory it was estimated against)."""
+        """Whether the estimate fits `device_bytes` (default: the device memory it was estimated against): the
+        training peak and, on one device, the load peak. Under FSDP2 (num_devices > 1) the verdict is the training
+        peak per device; the unsharded load peak is reported apart (`load_fits`)."""
         limit = self.device_bytes if device_bytes is None else device_bytes
-        return limit is None or max(self.total_bytes, self.load_peak_bytes) <= limit
+        if limit is None:
+            return True
+        return self.total_bytes <= limit and (self.num_devices > 1 or self.load_peak_bytes <= limit)
+
+    def load_fits(self, device_bytes: int | None = None) -> bool:
+        limit = self.device_bytes if device_bytes is None else device_bytes
+        return limit is None or self.load_peak_bytes <= limit
 
     def to_dict(self) -> dict:
         return {"model_type": self.model_type, "quant": self.quant, "label": self.label, "r": self.r,
@@ -296,22 +310,26 @@ class MemoryEstimate:
                 "base": [vars(r) for r in self.base_rows], "training": [vars(r) for r in self.training_rows],
                 "lora_params": self.lora_params, "lora_by_component": dict(self.lora_by_component),
                 "base_weight_bytes": self.base_weight_bytes, "total_bytes": self.total_bytes,
-                "load_peak_bytes": self.load_peak_bytes,
+                "load_peak_bytes": self.load_peak_bytes, "num_devices": self.num_devices,
+                "gathered_bytes": self.gathered_bytes, "full_base_weight_bytes": self.full_base_weight_bytes,
                 "device_bytes": self.device_bytes, "device_name": self.device_name, "fits": self.fits(),
                 "warnings": list(self.warnings)}
 
     def format_report(self) -> str:
         """A readable table: component, params, bytes, dtype; then the total and the fit verdict."""
         ckpt = "on" if self.grad_checkpointing else "off"
+        where = f", per device of {self.num_devices} under FSDP2" if self.num_devices > 1 else ""
         lines = [f"{self.label} estimate (rough, expect +-20%): r={self.r}, targets={'+'.join(self.targets)}, "
                  f"seq_len={self.seq_len}, batch={self.batch_size}, gradient checkpointing {ckpt}, "
-                 f"{self.compute_dtype} compute",
+                 f"{self.compute_dtype} compute{where}",
                  f"{'component':<28}{'params':>10}{'bytes':>12}  dtype"]
         for row in self.base_rows:
             lines.append(f"{row.component:<28}{human_count(row.params):>10}{human_bytes(row.bytes):>12}  {row.dtype}")
         lines.append(f"{'base weights':<28}{human_count(sum(r.params for r in self.base_rows)):>10}"
                      f"{human_bytes(self.base_weight_bytes):>12}")
         for row in self.training_rows:
+            if row.component == "FSDP2 gathered layers" and self.num_devices == 1:
+                continue
             params = human_count(row.params) if row.params else ""
             lines.append(f"{row.component:<28}{params:>10}{human_bytes(row.bytes):>12}  {row.dtype}")
         lines.append(f"{'TOTAL (estimated peak)':<28}{'':>10}{human_bytes(self.total_bytes):>12}")
@@ -377,7 +395,7 @@ def estimate_training_memory(config, quant: str = "4bit", r: int = 16, targets="
                              batch_size: int = 1, grad_checkpointing: bool = True, compute_dtype: str = "bfloat16",
                              *, double_quant: bool = False, device_bytes: int | None = None,
                              overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
-                             counts: ParamCounts | None = None) -> MemoryEstimate:
+                             counts: ParamCounts | None = None, num_devices: int = 1) -> MemoryEstimate:
     """Estimate the peak memory of LoRA training on `config`'s architecture. The formulas (all estimates):
 
     Frozen base weights, per parameter tensor:
@@ -409,6 +427,18 @@ def estimate_training_memory(config, quant: str = "4bit", r: int = 16, targets="
       fused expert tensor in the compute dtype (measured on CPU: 2.4x). Unquantized bases load each tensor
       straight into place: the largest tensor once.
     Runtime overhead: fixed `overhead_bytes` (default 1.5 GiB: CUDA context, cuBLAS workspaces, allocator slack).
+
+    FSDP2 over `num_devices` = N > 1 (`accelerate launch --config_file recipes/accelerate/fsdp2.yaml`), per device:
+      * sharded (1/N each, rounded up): the routed experts' stores (the studio's frozen parameters), every
+        unquantized tensor (router, norms, embeddings, lm_head; the whole base with quant "none"), and the LoRA
+        weights, gradients and AdamW states;
+      * replicated: bitsandbytes' quantized linears (attention, shared experts, dense MLPs with quant 4bit/8bit),
+        which accelerate leaves out of fully_shard (their quantization state cannot live in a DTensor);
+      * gathered: one FSDP unit per decoder layer is all-gathered for its forward and backward, and the next one is
+        prefetched: 2 x (the largest layer's sharded tensors at full size + its LoRA weights and gradients, fp32),
+        or 2 x the embeddings if larger; plus lm_head (+ final norm), kept gathered from forward to backward.
+      * activations, logits, workspace and overhead: as on one device, for the per-device batch.
+      * load peak: unchanged (every process loads the whole quantized base before fully_shard shards it).
     """
     if quant not in QUANT_MODES:
         raise PlanError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
@@ -417,6 +447,8 @@ def estimate_training_memory(config, quant: str = "4bit", r: int = 16, targets="
     for label, value in (("LoRA rank r", r), ("seq_len", seq_len), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise PlanError(f"{label} must be a positive integer, got {value!r}")
+    if not isinstance(num_devices, int) or num_devices < 1:
+        raise PlanError(f"--num-devices must be a positive integer, got {num_devices!r}")
     counts = counts or count_parameters(config)
     target_components, explicit = _targets(targets)
     a = _DTYPE_BYTES[compute_dtype]
@@ -428,32 +460,46 @@ def estimate_training_memory(config, quant: str = "4bit", r: int = 16, targets="
                          counts=counts, overhead_bytes=overhead_bytes)
 
     # Frozen base weights and LoRA sizes, tensor by tensor.
-    rows: dict[str, list[int]] = {c: [0, 0, 0] for c in COMPONENTS}  # params, bytes, quantized params
+    rows: dict[str, list[int]] = {c: [0, 0, 0, 0] for c in COMPONENTS}  # params, bytes, quantized params, sharded
     largest_slice = largest_stack = largest_tensor = 0
     lora: dict[str, int] = {}
+    layer_sharded: dict[int, int] = {}  # FSDP2: bytes of each decoder layer's sharded tensors, at full size
+    layer_lora: dict[int, int] = {}
     for info in counts.params:
         row = rows[info.component]
         row[0] += info.numel
         quantized = quant != "none" and info.component in _QUANTIZED_COMPONENTS and not info.is_bias
         if quantized:
-            row[1] += _quantized_bytes(info, quant, double_quant)
+            nbytes = _quantized_bytes(info, quant, double_quant)
             row[2] += info.numel
             slice_numel = info.numel // info.shape[0] if len(info.shape) == 3 else info.numel
             largest_slice = max(largest_slice, slice_numel)
             if len(info.shape) == 3:
                 largest_stack = max(largest_stack, info.numel)
         else:
-            row[1] += info.numel * a
+            nbytes = info.numel * a
+        row[1] += nbytes
+        # bitsandbytes' quantized linears stay whole on every rank under FSDP2; everything else is sharded
+        if not (quantized and len(info.shape) == 2):
+            row[3] += nbytes
+            if info.layer is not None:
+                layer_sharded[info.layer] = layer_sharded.get(info.layer, 0) + nbytes
         largest_tensor = max(largest_tensor, info.numel)
         if info.component in target_components:
             n = _lora_params(info, r)
             if n:
                 lora[info.component] = lora.get(info.component, 0) + n
+                if info.layer is not None:
+                    layer_lora[info.layer] = layer_lora.get(info.layer, 0) + n
+    est.full_base_weight_bytes = sum(row[1] for row in rows.values())
+    n_dev = num_devices
+    est.num_devices = n_dev
     for comp in COMPONENTS:
-        params, nbytes, qparams = rows[comp]
+        params, nbytes, qparams, sharded = rows[comp]
         if params:
             dtype = qlabel if qparams == params else (f"{qlabel}+{short}" if qparams else short)
-            est.base_rows.append(Row(comp, params, nbytes, dtype))
+            per_device = nbytes - sharded + math.ceil(sharded / n_dev)
+            est.base_rows.append(Row(comp, params, per_device, dtype))
     if not lora:
         raise PlanError(f"LoRA targets {'+'.join(target_components)} adapt nothing in {counts.model_type}; "
                         f"use a preset such as `all`")
@@ -461,9 +507,16 @@ def estimate_training_memory(config, quant: str = "4bit", r: int = 16, targets="
         est.warnings.append(f"LoRA target {comp!r} matches nothing in {counts.model_type}")
     est.lora_by_component = lora
     est.lora_params = sum(lora.values())
-    est.lora_weight_bytes = 4 * est.lora_params
-    est.lora_grad_bytes = 4 * est.lora_params
-    est.optimizer_bytes = 8 * est.lora_params
+    est.lora_weight_bytes = math.ceil(4 * est.lora_params / n_dev)
+    est.lora_grad_bytes = math.ceil(4 * est.lora_params / n_dev)
+    est.optimizer_bytes = math.ceil(8 * est.lora_params / n_dev)
+    if n_dev > 1:
+        layer_full = max((layer_sharded.get(i, 0) + 8 * layer_lora.get(i, 0)
+                          for i in set(layer_sharded) | set(layer_lora)), default=0)
+        embed = rows["embeddings"][3]
+        tail = rows["lm_head"][3] + sum(i.numel * a for i in counts.params
+                                        if i.component == "norms" and i.layer is None)
+        est.gathered_bytes = 2 * max(layer_full, embed) + tail
 
     # Activations (see the docstring).
     tokens = seq_len * batch_size
@@ -522,6 +575,10 @@ def estimate_training_memory(config, quant: str = "4bit", r: int = 16, targets="
     else:
         est.device_name = "the given device"
     est.device_bytes = device_bytes or None
+    if est.device_bytes and n_dev > 1 and est.fits() and not est.load_fits():
+        est.warnings.append(f"{est.label}: training fits {n_dev} x {human_bytes(est.device_bytes)}, but loading is not "
+                            f"sharded yet: every process first loads the whole base ({human_bytes(est.load_peak_bytes)}"
+                            f" estimated) before FSDP2 keeps its 1/{n_dev}")
     if est.device_bytes and not est.fits():
         hints = []
         if quant == "none":
@@ -534,10 +591,50 @@ def estimate_training_memory(config, quant: str = "4bit", r: int = 16, targets="
             hints.append("a smaller --batch-size (with gradient accumulation)")
         if est.base_weight_bytes > est.device_bytes:
             hints.append("a device with more memory or a smaller base (the frozen weights alone do not fit)")
+        hints.append("more devices under FSDP2 (--num-devices)")
         est.warnings.append(f"{est.label}: estimated {human_bytes(est.total_bytes)} exceeds the "
                             f"{human_bytes(est.device_bytes)} of {est.device_name}"
                             + (f"; try {', '.join(hints)}" if hints else ""))
     return est
+
+
+def smallest_num_devices(config, device_bytes: int, max_devices: int = 4096, **kwargs) -> int | None:
+    """The smallest number of devices of `device_bytes` each on which `estimate_training_memory(config, **kwargs)`
+    fits under FSDP2 (one device: no FSDP), or None when even `max_devices` do not (the replicated quantized
+    linears, the activations or a gathered layer alone exceed a device). The per-device peak never grows with N,
+    so a doubling search then a bisection find it."""
+    kwargs = dict(kwargs, device_bytes=device_bytes)
+    kwargs.setdefault("counts", count_parameters(config))
+
+    def fits(n: int) -> bool:
+        return estimate_training_memory(config, num_devices=n, **kwargs).fits()
+
+    if fits(1):
+        return 1
+    lo, hi = 1, 2
+    while not fits(hi):
+        if hi >= max_devices:
+            return None
+        lo, hi = hi, min(2 * hi, max_devices)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def min_devices_line(config, estimates: list[MemoryEstimate], **kwargs) -> str:
+    """'smallest number of devices of X under FSDP2: QLoRA 4-bit 8, LoRA 16-bit 24' for the estimates' setups."""
+    first = estimates[0]
+    if not first.device_bytes:
+        return ""
+    parts = []
+    for e in estimates:
+        n = smallest_num_devices(config, first.device_bytes, quant=e.quant, r=e.r, targets=e.targets,
+                                 seq_len=e.seq_len, batch_size=e.batch_size, grad_checkpointing=e.grad_checkpointing,
+                                 compute_dtype=e.compute_dtype, counts=e.counts, **kwargs)
+        parts.append(f"{e.label} {n if n else 'none up to 4096'}")
+    return (f"smallest number of devices of {human_bytes(first.device_bytes)} that fits (training peak, FSDP2 "
+            f"beyond 1): " + ", ".join(parts))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -600,9 +697,10 @@ def format_comparison(estimates: list[MemoryEstimate]) -> str:
     first = estimates[0]
     width = max(22, *(len(e.label) + 2 for e in estimates))
     head = f"{'component':<28}{'params':>10}" + "".join(f"{e.label:>{width}}" for e in estimates)
+    where = f", per device of {first.num_devices} under FSDP2" if first.num_devices > 1 else ""
     lines = [f"memory estimates (rough, expect +-20%): r={first.r}, targets={'+'.join(first.targets)}, "
              f"seq_len={first.seq_len}, batch={first.batch_size}, gradient checkpointing "
-             f"{'on' if first.grad_checkpointing else 'off'}", head]
+             f"{'on' if first.grad_checkpointing else 'off'}{where}", head]
     by_comp = [{r.component: r for r in e.base_rows} for e in estimates]
     for comp in COMPONENTS:
         rows = [b.get(comp) for b in by_comp]
@@ -615,6 +713,8 @@ def format_comparison(estimates: list[MemoryEstimate]) -> str:
                                                            for e in estimates))
     for i, row in enumerate(first.training_rows):
         name = row.component
+        if name == "FSDP2 gathered layers" and first.num_devices == 1:
+            continue
         params = human_count(row.params) if row.params else ""
         lines.append(f"{name:<28}{params:>10}" + "".join(f"{human_bytes(e.training_rows[i].bytes):>{width}}"
                                                          for e in estimates))
