@@ -173,3 +173,19 @@ def test_fsdp2_resume_gives_the_same_later_losses(fsdp):
 
 def test_readme_shows_the_launch_command():
     assert LAUNCH in (REPO / "README.md").read_text().replace("\\\n", "")
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "zero3"])
+def test_shipped_accelerate_configs_load(name):
+    """accelerate reads every shipped config; each opens with its launch command."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = REPO / "recipes" / "accelerate" / f"{name}.yaml"
+    cfg = load_config_from_file(str(path))
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# accelerate launch --config_file recipes/accelerate/{name}.yaml -m studio.finetune")
+    if name == "fsdp2":
+        assert cfg.distributed_type == "FSDP" and cfg.fsdp_config["fsdp_version"] == 2
+        assert cfg.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    else:
+        assert cfg.distributed_type == "DEEPSPEED" and cfg.deepspeed_config["zero_stage"] == 3

@@ -66,7 +66,13 @@ class LoadedBase:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA if available (under a multi-process launch, this process's GPU: LOCAL_RANK), else the CPU."""
+    import os
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = os.environ.get("LOCAL_RANK")
+    return torch.device("cuda", int(local_rank)) if local_rank is not None else torch.device("cuda")
 
 
 def _bnb_config(quant: QuantSpec, arch: MoEArch, dtype: torch.dtype):
