@@ -421,7 +421,8 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
     model._hf_peft_config_loaded = True
     run_dir = Path(cfg.output) if cfg.output else default_run_dir(p["domain"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if is_main_process():  # one writer per run directory
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     log_path = run_dir / "training_log.jsonl"
     resume = cfg.resume
     if resume == "latest":
@@ -466,6 +467,7 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
             trainer.remove_callback(cb)  # replaced by StudioProgress (a terminal) or PlainProgress (a file or pipe)
         trainer.studio_plan, trainer.studio_base_id = plan, cfg.base
         metrics: dict = {}
+
         def evaluate_before():
             before = trainer.evaluate()
             metrics["eval_loss_before"] = _lm_loss(before, aux_coef, "eval_")
