@@ -37,49 +37,58 @@ PREFIX = "base_model.model."
 
 
 class LoraBatch:
-    """Which slot every token of the current forward uses (-1: the bare base). Set by the engine once per forward;
-    read by every slot layer. `uniform` is the one slot of a batch whose rows all use it (or None)."""
+    """Which slot every row of the current forward uses (-1: the bare base). Set by the engine once per forward;
+    read by every slot layer. `uniform` is the one slot of a batch whose rows all use it (or None).
+
+    A layer's input holds the rows' tokens row-major ([rows, L, d] or flattened [rows * L, d]); L is the forward's
+    new tokens for most layers but the whole cached length for some (DeepSeek's MLA expands its cached latents with
+    kv_b_proj every step), so the token -> slot index and the tokens' sort by slot are built once per forward for
+    each length seen and reused by every layer."""
 
     def __init__(self, max_slots: int):
         self.max_slots = max_slots
         self.active = False        # False: no LoRA at all this forward
         self.uniform: int | None = None
-        self.tokens = 0
-        self.token_slot: torch.Tensor | None = None  # [tokens] long on the device, mixed batches only
-        self._routing: dict = {}   # (device, dtype) -> Routing of the tokens by slot (the linears' segments)
+        self.rows = 0
+        self.row_slot: torch.Tensor | None = None  # [rows] long on the device, mixed batches only
+        self._tokens: dict = {}    # tokens -> token_slot [tokens]
+        self._routing: dict = {}   # (tokens, device, dtype) -> Routing of the tokens by slot (the linears' segments)
 
-    def set(self, row_slots: list[int | None], tokens_per_row: int | None = None, device=None) -> None:
-        """Rows' slots for the next forward(s); tokens_per_row None: any shape (uniform batches only)."""
-        self._routing = {}
+    def set(self, row_slots: list[int | None], device=None) -> None:
+        """Rows' slots for the next forward(s); `device`: where the model runs."""
+        self._tokens, self._routing = {}, {}
         distinct = set(row_slots)
         if distinct == {None}:
-            self.active, self.uniform, self.token_slot = False, None, None
+            self.active, self.uniform, self.row_slot = False, None, None
             return
         self.active = True
         if len(distinct) == 1:
-            self.uniform, self.token_slot = row_slots[0], None
+            self.uniform, self.row_slot = row_slots[0], None
             return
-        if tokens_per_row is None:
-            raise ValueError("a batch whose rows use different adapters needs tokens_per_row")
         self.uniform = None
-        per_row = torch.tensor([-1 if s is None else s for s in row_slots], dtype=torch.long)
-        self.tokens = len(row_slots) * tokens_per_row
-        self.token_slot = per_row.repeat_interleave(tokens_per_row).to(device or "cpu")
+        self.rows = len(row_slots)
+        self.row_slot = torch.tensor([-1 if s is None else s for s in row_slots], dtype=torch.long,
+                                     device=device or "cpu")
 
     def clear(self) -> None:
-        self.active, self.uniform, self.token_slot, self._routing = False, None, None, {}
+        self.active, self.uniform, self.row_slot, self._tokens, self._routing = False, None, None, {}, {}
 
-    def check(self, tokens: int) -> None:
-        if tokens != self.tokens:
-            raise RuntimeError(f"the LoRA batch was set for {self.tokens} tokens but a layer got {tokens}: set the "
-                               "rows' slots with the forward's tokens_per_row")
+    def token_slot(self, tokens: int) -> torch.Tensor:
+        """[tokens] slot of every token of a row-major input holding `tokens` tokens (-1: the bare base)."""
+        hit = self._tokens.get(tokens)
+        if hit is None:
+            if tokens % self.rows:
+                raise RuntimeError(f"a LoRA layer got {tokens} tokens, not a multiple of the batch's {self.rows} rows")
+            hit = self._tokens[tokens] = self.row_slot.repeat_interleave(tokens // self.rows)
+        return hit
 
-    def linear_routing(self, device, dtype) -> Routing:
-        """The tokens sorted by slot, once per forward (every linear layer reuses it). Base tokens are left out."""
-        key = (device, dtype)
+    def linear_routing(self, tokens: int, device, dtype) -> Routing:
+        """The tokens sorted by slot (base tokens left out), once per forward and length; every linear reuses it."""
+        key = (tokens, device, dtype)
         hit = self._routing.get(key)
         if hit is None:
-            ids = torch.where(self.token_slot < 0, self.max_slots, self.token_slot).to(device)
+            slot = self.token_slot(tokens).to(device)
+            ids = torch.where(slot < 0, self.max_slots, slot)
             hit = self._routing[key] = Routing(ids[:, None], self.max_slots, "auto", dtype)
         return hit
 
@@ -134,8 +143,7 @@ class SlotLinear(nn.Module):
                 return y
             return y + F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A[s]), self.lora_B[s]).to(y.dtype)
         flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
-        batch.check(flat.shape[0])
-        routing = batch.linear_routing(flat.device, flat.dtype)
+        routing = batch.linear_routing(flat.shape[0], flat.device, flat.dtype)
         if routing.groups == 0:
             return y
         h = routing.mm(routing.gather_tokens(flat), routing.select(self.lora_A).transpose(1, 2))
@@ -213,9 +221,8 @@ class ExpertSlots(nn.Module):
     def _mixed_routing(self, hidden_states, top_k_index, routing: Routing):
         """The assignments sorted by (slot, expert), once per layer, and where each of its rows sits among
         `routing`'s rows (sorted by expert)."""
-        self.batch.check(hidden_states.shape[0])
         e, s = self.num_experts, self.max_slots
-        slot = self.batch.token_slot.to(top_k_index.device)[:, None]
+        slot = self.batch.token_slot(hidden_states.shape[0]).to(top_k_index.device)[:, None]
         key = torch.where((slot >= 0) & (top_k_index < e), slot * e + top_k_index, s * e)
         by_slot = Routing(key, s * e, "auto", hidden_states.dtype)
         position = torch.empty(top_k_index.numel(), dtype=torch.long, device=top_k_index.device)
@@ -370,11 +377,9 @@ class LoraSlots:
         self.ranks.pop(slot, None)
 
     @contextmanager
-    def rows(self, row_slots: list[int | None], tokens_per_row: int | None = None, device=None):
+    def rows(self, row_slots: list[int | None], device=None):
         """Within the block, row i of every forward uses slot row_slots[i] (None: the bare base)."""
-        if tokens_per_row is None and len(set(row_slots)) > 1:
-            raise ValueError("mixed rows need tokens_per_row (the forward's input_ids.shape[1])")
-        self.batch.set(row_slots, tokens_per_row, device)
+        self.batch.set(row_slots, device=device)
         try:
             yield
         finally:
