@@ -451,9 +451,12 @@ class _Batch:
     def _forward(self, input_ids, mask, positions, cache, slots, every_position: bool = False):
         e = self.engine
         e._set_rows(slots)
+        # no router aux loss at inference (Mixtral-style families compute it when their config asks, and its
+        # attention-mask arithmetic assumes no KV cache)
+        extra = {"output_router_logits": False} if hasattr(e.model.config, "output_router_logits") else {}
         try:
             out = e.model(input_ids=input_ids.to(e.device), attention_mask=mask.to(e.device),
-                          position_ids=positions.to(e.device), past_key_values=cache, use_cache=True)
+                          position_ids=positions.to(e.device), past_key_values=cache, use_cache=True, **extra)
         finally:
             e.lora.clear()
         e.counters["forward_passes"] += 1
