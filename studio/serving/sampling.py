@@ -42,21 +42,19 @@ def filtered_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     by inverse-CDF sampling with the row's uniform number in [0, 1). All arguments are per-row tensors [n]."""
     scaled = logits / temperature[:, None]
     vocab = scaled.shape[-1]
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-        scaled, order = scaled.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab, device=scaled.device)[None, :]
-        k = torch.where(top_k > 0, top_k, vocab)[:, None]
-        scaled = scaled.masked_fill(rank >= k, float("-inf"))
-        probs = F.softmax(scaled, dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens; the first is always kept
-        scaled = scaled.masked_fill(before >= top_p[:, None], float("-inf"))
-    else:
-        order = None
+    # always in descending order (even with no filter), so that the token a row's uniform number picks never depends
+    # on the other rows' settings
+    scaled, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=scaled.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab)[:, None]
+    scaled = scaled.masked_fill(rank >= k, float("-inf"))
     probs = F.softmax(scaled, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens; the first is always kept
+    probs = probs.masked_fill(before >= top_p[:, None], 0.0)
     cdf = probs.cumsum(dim=-1)
     # the first token whose cumulative probability exceeds u * total: never a zero-probability token
     choice = torch.searchsorted(cdf, (uniform[:, None] * cdf[:, -1:]).to(cdf.dtype), right=True).clamp_(max=vocab - 1)
-    return choice[:, 0] if order is None else order.gather(1, choice)[:, 0]
+    return order.gather(1, choice)[:, 0]
 
 
 def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
