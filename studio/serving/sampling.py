@@ -77,7 +77,7 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[T
         tokens[idx] = filtered_sample(
             logits.index_select(0, idx),
             torch.tensor([float(r.params.temperature) for r in rows], device=device),
-            torch.tensor([int(r.params.top_k) for r in rows], device=device),
+            torch.tensor([min(int(r.params.top_k), logits.shape[-1]) for r in rows], device=device),  # 2**64 = all
             torch.tensor([float(r.params.top_p) for r in rows], device=device),
             torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(device))
     out = tokens.tolist()  # the one copy of the step's choices to the host
