@@ -77,7 +77,8 @@ def parse_args(argv=None):
 def synthetic_base(args, out: Path) -> str:
     from bench.train_step import build_model_dir
 
-    ns = argparse.Namespace(hidden=args.hidden, head_dim=64, layers=args.layers, experts=args.experts, top_k=args.top_k,
+    ns = argparse.Namespace(hidden=args.hidden, head_dim=64, heads=0, kv_heads=0, layers=args.layers,
+                            experts=args.experts, top_k=args.top_k,
                             moe_intermediate=args.moe_intermediate, seq_len=max(512, args.prompt_tokens * 4),
                             seed=0, batch_size=1)
     build_model_dir(ns, out)
@@ -170,18 +171,22 @@ def main(argv=None) -> int:
     print(f"base {args.base} ({args.experts} experts, top-{args.top_k}) on {device} ({torch.get_num_threads()} torch "
           f"threads), quant {args.quant}, LoRA r={args.r} on attention + routed experts")
 
-    engine = Engine(base_ref, quant, device, registry=AdapterRegistry(work / "registry"), max_resident=8,
+    # the adapters are made on a copy of the base of their own: the served model is never given PEFT's layers
+    maker = load_base(base_ref, quant, "cpu")
+    registry = AdapterRegistry(work / "registry")
+    domains = ["law", "medicine", "code", "spare"]
+    for i, d in enumerate(domains):
+        path = save_random_adapter(maker, work / "adapters" / d, d, seed=i + 1 if d != "spare" else 9, r=args.r,
+                                   scale=0.05)
+        registry.register(path, d)
+    del maker
+    engine = Engine(base_ref, quant, device, registry=registry, max_resident=8,
                     max_batch_size=args.batch_size, max_wait_ms=0, max_tokens_limit=4096)
     from studio.models.memory import count_parameters
 
     params = count_parameters(engine.model.config).total  # as built, not as packed 4-bit storage
-    domains = ["law", "medicine", "code"]
-    for i, d in enumerate(domains):
-        path = save_random_adapter(engine.base, work / "adapters" / d, d, seed=i + 1, r=args.r, scale=0.05)
-        engine.registry.register(path, d)
+    domains = domains[:3]
     refs = [engine.load(d) for d in domains]
-    spare = save_random_adapter(engine.base, work / "adapters" / "spare", "spare", seed=9, r=args.r, scale=0.05)
-    engine.registry.register(spare, "spare")
 
     # ---- switching --------------------------------------------------------------------------------
     slots = [engine.residency.entries[r].slot for r in refs]
