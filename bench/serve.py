@@ -197,7 +197,7 @@ def main(argv=None) -> int:
             slot = slots[i % len(slots)]
             sync()
             t0 = time.perf_counter()
-            engine._set_rows([slot] * args.batch_size)  # what the scheduler does before a forward
+            engine.set_rows([slot] * args.batch_size)  # what the scheduler does before a forward
             sync()
             times.append(time.perf_counter() - t0)
         engine.lora.clear()
@@ -250,7 +250,10 @@ def main(argv=None) -> int:
     streams = {}
     if args.streams:
         counts = [int(n) for n in args.streams.split(",") if n.strip()]
-        streams = stream_bench(args, device, base_ref, work / "registry", refs + ["base"], prompts, counts)
+        try:
+            streams = stream_bench(args, device, base_ref, work / "registry", refs + ["base"], prompts, counts)
+        except Exception as exc:  # the in-process figures above still count (e.g. a machine without uvicorn)
+            print(f"streams through studio serve failed: {exc}")
 
     results = {
         "device": device, "threads": torch.get_num_threads(), "experts": args.experts, "top_k": args.top_k, "torch": torch.__version__, "platform": platform.platform(), "base": args.base,

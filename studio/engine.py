@@ -325,7 +325,7 @@ class Engine:
             except Exception as exc:  # fail every request in the batch, keep the engine alive
                 logger.exception("engine step failed")
                 for row in batch.rows:
-                    self._finish(row, error=exc)
+                    self.finish_row(row, error=exc)
                 batch.reset()
 
     def _admit(self, batch: "_Batch", admit: list[Request]) -> None:
@@ -355,9 +355,12 @@ class Engine:
             except Exception as exc:  # fail these requests, keep the running batch and the engine
                 logger.exception("prefill failed")
                 for req, entry in ready:
-                    self._finish(_Row(req, entry, 0), error=exc)
+                    self.finish_row(_Row(req, entry, 0), error=exc)
 
-    def _finish(self, row: "_Row", error: BaseException | None = None) -> None:
+    # ---- the rows' side, called by _Batch ------------------------------------------------------------
+
+    def finish_row(self, row: "_Row", error: BaseException | None = None) -> None:
+        """Send a finished row's last chunk and its Completion (or its error), and release its adapter."""
         req = row.req
         if row.entry is not None:
             row.entry.users -= 1
@@ -392,7 +395,7 @@ class Engine:
         req.logprobs_sent = len(req.logprobs)
         return new
 
-    def _emit(self, row: "_Row", token: int, logprob: TokenLogprob | None = None) -> bool:
+    def emit_token(self, row: "_Row", token: int, logprob: TokenLogprob | None = None) -> bool:
         """Record one new token for a row; return True when the row is finished."""
         req = row.req
         if req.first_token is None:
@@ -418,7 +421,7 @@ class Engine:
             req.emitted = safe
         return req.cancelled
 
-    def _set_rows(self, slots: list[int | None]) -> None:
+    def set_rows(self, slots: list[int | None]) -> None:
         """Say which slot each row of the next forward uses; count a switch when the set of adapters changes."""
         self.lora.set(slots, device=self.device)
         distinct = frozenset(slots)
@@ -450,7 +453,7 @@ class _Batch:
 
     def _forward(self, input_ids, mask, positions, cache, slots, every_position: bool = False):
         e = self.engine
-        e._set_rows(slots)
+        e.set_rows(slots)
         # no router aux loss at inference (Mixtral-style families compute it when their config asks, and its
         # attention-mask arithmetic assumes no KV cache)
         extra = {"output_router_logits": False} if hasattr(e.model.config, "output_router_logits") else {}
@@ -492,7 +495,7 @@ class _Batch:
             for row in rows:
                 if row.req.params.max_tokens == 0:
                     row.req.finish_reason = "length"
-                    e._finish(row)
+                    e.finish_row(row)
             if not keep:
                 return
             idx = torch.tensor(keep)
@@ -518,11 +521,11 @@ class _Batch:
         for row, tok, entry in zip(rows, tokens, entries):
             row.position += 1
             row.last = tok
-            if e._emit(row, tok, entry):
+            if e.emit_token(row, tok, entry):
                 done.append(row)
         if done:
             for row in done:
-                e._finish(row)
+                e.finish_row(row)
             keep = [i for i, r in enumerate(self.rows) if r not in done]
             if not keep:
                 self.reset()
