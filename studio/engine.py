@@ -88,6 +88,7 @@ class Engine:
 
     @property
     def max_prompt_chars(self) -> int:
+        """Longest prompt in characters, refused before tokenizing (studio serve --max-prompt-chars)."""
         return self.encoder.max_prompt_chars
 
     @max_prompt_chars.setter
