@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of the grouped experts, for a session with a device (one H100/H200: about 8 minutes).
+# The GPU checks of the grouped experts and of serving, for a session with a device (one H100/H200: about 14 minutes).
 #
 #   bash bench/gpu.sh                 # on the GPU machine, from the repository root
 #
@@ -40,3 +40,10 @@ timeout 150 $PY bench/train_step.py --device cuda --dtype bfloat16 --batch-size 
 timeout 240 $PY bench/train_step.py --device cuda --dtype bfloat16 \
     --config studio/models/known_configs/Qwen--Qwen3-30B-A3B.json --layers 4 --batch-size 4 --seq-len 2048 \
     --steps 5 --warmup 2 --json "$OUT_DIR/train_step_qwen3_30b_slice.json" | tee "$OUT_DIR/train_step_qwen3_30b_slice.txt"
+
+# 3. Serving (bench/serve.py): hot-swap vs reload, single/base and mixed/single decode throughput, and decode tokens/s
+#    of 1, 8 and 32 concurrent streams through `studio serve`, on the default 16-expert model and a 64-expert top-8 one.
+timeout 200 $PY bench/serve.py --device cuda --layers 8 --batch-size 32 --new-tokens 64 --streams 1,8,32 \
+    --json "$OUT_DIR/serve_16e.json" | tee "$OUT_DIR/serve_16e.txt"
+timeout 200 $PY bench/serve.py --device cuda --layers 8 --batch-size 32 --new-tokens 64 --experts 64 --top-k 8 \
+    --moe-intermediate 192 --streams 1,8,32 --json "$OUT_DIR/serve_64e.json" | tee "$OUT_DIR/serve_64e.txt"

@@ -148,3 +148,38 @@ def test_using_gives_the_model_with_the_adapter_active(engine):
         again = model(input_ids=ids).logits
     assert torch.equal(base, again)
     assert (law - base).abs().max() > 1e-3
+
+
+def test_loading_and_evicting_another_adapter_does_not_disturb_a_running_stream(engine):
+    """The bug of one owner too many: Engine.load() used to switch the model's active adapter while a uniform batch of
+    another adapter ran, whose next steps then got the new adapter's expert LoRA and both linear LoRAs. Now loading
+    writes a free slot and evicting clears that slot only. Base with expert LoRA; greedy, so the text must match."""
+    params = SamplingParams(max_tokens=160, ignore_eos=True)
+    alone = engine.generate(PROMPTS[0], adapters="law", params=params)[0]
+    engine.unload("medicine")  # so that the load below really loads (if an earlier test made it resident)
+    stream = engine.stream(PROMPTS[0], adapter="law", params=params)
+    first = next(stream)
+    loader = threading.Thread(target=engine.load, args=("medicine",))
+    loader.start()
+    loader.join(timeout=60)
+    assert "medicine@v1" in engine.resident()
+    running_after_load = engine.stats()["running"]
+    second = next(stream)
+    assert engine.unload("medicine")
+    running_after_evict = engine.stats()["running"]
+    rest = list(stream)
+    assert running_after_load >= 1 and running_after_evict >= 1  # both happened while the stream was running
+    assert first.text + second.text + "".join(c.text for c in rest) == alone.text
+    assert rest[-1].completion.token_ids == alone.token_ids
+
+
+def test_streamed_text_with_stop_strings_equals_whole_text(engine):
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    whole = engine.generate(PROMPTS[1], adapters="medicine", params=params)[0]
+    assert whole.text == engine.tokenizer.decode(whole.token_ids, skip_special_tokens=True)
+    stop = whole.text[len(whole.text) // 2: len(whole.text) // 2 + 3]
+    cut = SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop, "no such stop string"])
+    chunks = list(engine.stream(PROMPTS[1], adapter="medicine", params=cut))
+    streamed = "".join(c.text for c in chunks)
+    assert streamed == chunks[-1].completion.text == whole.text[:whole.text.find(stop)]
+    assert chunks[-1].finish_reason == "stop" and stop not in streamed

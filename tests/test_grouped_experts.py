@@ -228,40 +228,6 @@ def test_training_from_the_same_seed_gives_the_same_loss_curve(name):
         assert abs(a - b) <= 1e-4 * abs(b), curves
 
 
-@pytest.mark.parametrize("name", ARCHS)
-def test_mixed_batches_equal_single_adapter_runs_on_the_grouped_path(name):
-    from studio.adapters import apply_plan, set_active_adapter
-    from studio.moe.experts import mixed_batch
-    from studio.moe.plan import LoraSettings, build_plan
-
-    loaded = load_base(name, QuantSpec("4bit"))
-    model = loaded.model
-    for i, adapter in enumerate(["law", "code", "med"]):
-        torch.manual_seed(i)
-        plan = build_plan(model, loaded.arch, loaded.components, "experts", LoraSettings(r=2 + 2 * i, dropout=0.0))
-        apply_plan(model, plan, adapter, trainable=False)
-        gen = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, StudioExperts) and adapter in m.adapters:
-                    for p in m.adapters[adapter].parameters():
-                        p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    model.eval()
-    ids = torch.randint(6, 2000, (4, 12), generator=torch.Generator().manual_seed(9))
-    single = {}
-    with torch.no_grad():
-        for adapter in ["law", "code", "med", None]:
-            set_active_adapter(model, adapter)
-            single[adapter] = model(input_ids=ids).logits
-        rows = ["law", None, "med", "code"]
-        set_active_adapter(model, None)
-        with mixed_batch(model, rows):
-            mixed = model(input_ids=ids).logits
-    assert (single["law"] - single[None]).abs().max() > 1e-3
-    for i, adapter in enumerate(rows):
-        assert torch.allclose(mixed[i], single[adapter][i], atol=1e-5), (adapter, (mixed[i] - single[adapter][i]))
-
-
 def test_experts_impl_is_checked():
     from studio.errors import ModelError
 

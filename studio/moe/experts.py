@@ -10,7 +10,6 @@ LoRA and stores its factors in the same layout, so saved adapters load with plai
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -119,21 +118,6 @@ class _QuantizedExpertMatmul(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def stack_lora(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Several adapters' factors as one: [(A [..., r_i, in], B [..., out, r_i])] -> A [..., n*r, in],
-    B [..., out, n*r] and r, each adapter's rank block zero-padded to the largest rank r. With a per-token
-    rank_block_mask between the two matmuls, every token gets only its own adapter's update (mixed batches)."""
-    r = max(a.shape[-2] for a, _ in factors)
-    a_all = torch.cat([F.pad(a, (0, 0, 0, r - a.shape[-2])) for a, _ in factors], dim=-2)
-    b_all = torch.cat([F.pad(b, (0, r - b.shape[-1])) for _, b in factors], dim=-1)
-    return a_all, b_all, r
-
-
-def rank_block_mask(col: torch.Tensor, n: int, r: int) -> torch.Tensor:
-    """[len(col), n*r] booleans: True on the rank block of each entry's adapter (`col`: index < n, -1 for none)."""
-    return (col[:, None] == torch.arange(n)[None, :]).repeat_interleave(r, dim=1)
-
-
 class ExpertLora(nn.Module):
     """One adapter's factors for every targeted fused parameter, in PEFT's `target_parameters` layout:
     lora_A [r*E, in] (expert-major rows), lora_B [out, r*E] (rank-major columns)."""
@@ -215,7 +199,8 @@ class StudioExperts(nn.Module):
 
     Forward signature and routing loop match transformers' eager experts; only the projections differ:
     each hit expert's weight is dequantized alone, and each adapter's low-rank update is applied only to the
-    tokens routed to that expert. Rows of one batch may use different adapters (`row_adapters`).
+    tokens routed to that expert. Serving installs slot buffers (`lora_slots`, studio.lora.slots), which then
+    apply each token's own adapter; the adapters here are the trainable ones (and single-adapter inference).
     """
 
     def __init__(self, original: nn.Module, quant: ExpertQuant | None = None,
@@ -260,8 +245,7 @@ class StudioExperts(nn.Module):
         self.workspace_bytes = DEFAULT_WORKSPACE_BYTES
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
-        self.row_adapters: list[str | None] | None = None  # mixed batches: one adapter name (or None) per row
-        self._stack_cache: dict = {}
+        self.lora_slots = None  # studio.lora.slots.ExpertSlots when a serving engine owns this base
 
     # ---------- storage ----------
     def layout(self, name: str) -> tuple[int, int, int, bool]:
@@ -387,14 +371,11 @@ class StudioExperts(nn.Module):
     def delete_adapter(self, adapter: str) -> None:
         if adapter in self.adapters:
             del self.adapters[adapter]
-        self._stack_cache.clear()  # stacked factors may hold the deleted adapter's
         self.active_adapters = [a for a in self.active_adapters if a != adapter]
 
     # ---------- forward ----------
-    def _project(self, name: str, expert: int, x: torch.Tensor, mixed: dict | None = None,
-                 tok: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W_expert (+ bias) + LoRA: the active adapters' on every token (`mixed` None), or in a mixed batch
-        each token's own adapter's (`mixed` from _mixed_plan; `tok`: the positions of x's tokens in the batch)."""
+    def _project(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x @ W_expert (+ bias) + the active adapters' LoRA on every token."""
         if self.quant is None:
             w = getattr(self, name)[expert].to(x.dtype)
             y = x @ w if self.is_transposed else F.linear(x, w)
@@ -404,54 +385,12 @@ class StudioExperts(nn.Module):
         if bias is not None:
             y = y + bias[expert].to(y.dtype)
         in_place = not torch.is_grad_enabled()
-        if mixed is None:
-            for adapter in self.active_adapters:
-                lora = self.adapters[adapter]
-                if name in lora.lora_A:
-                    d = lora.delta(name, expert, x)
-                    y = y.add_(d) if in_place else y + d
-            return y
-        if name not in mixed:
-            return y
-        a_all, b_all, keep = mixed[name]
-        # Every adapter's LoRA update on its own tokens in two matmuls: the batch's adapters' factors stacked along
-        # the rank, the rank blocks of other adapters zeroed per token in between. A gather + two matmuls + a
-        # scatter per adapter would pay the small-kernel overhead n times, which dominates at decode batch sizes
-        # (Punica / S-LoRA write segmented GPU kernels for the same problem).
-        return y.add_(F.linear(F.linear(x, a_all[expert]) * keep[tok], b_all[expert]))
-
-    def _mixed_plan(self, row_ids: torch.Tensor, token_row: torch.Tensor, dtype: torch.dtype, device) -> dict:
-        """Per projection: the stacked factors of the batch's adapters and, per token, which rank block is its own."""
-        token_ids = row_ids[token_row]  # adapter index (into self._mixed_names) of every token, -1 = bare base
-        plan = {}
-        for name in self.weight_names:
-            names = [a for a in self._mixed_names if a in self.adapters and name in self.adapters[a].lora_A]
-            if not names:
-                continue
-            a_all, b_all, r = self._stacked(name, tuple(names), dtype, device)
-            position = torch.full((len(self._mixed_names) + 1,), -1, dtype=torch.long)
-            for i, a in enumerate(names):
-                position[self._mixed_names.index(a)] = i
-            col = position[token_ids]  # -1 (bare base) reads the last entry: -1, no block
-            plan[name] = (a_all, b_all, rank_block_mask(col, len(names), r).to(device=device, dtype=dtype))
-        return plan
-
-    def train(self, mode: bool = True):
-        self._stack_cache.clear()  # stacked LoRA factors of mixed batches; see ExpertLora.train
-        return super().train(mode)
-
-    def _stacked(self, name: str, names: tuple[str, ...], dtype: torch.dtype, device: torch.device):
-        parts = [self.adapters[a].inference_factors(name, dtype) for a in names]
-        key = (name, names, dtype, device)
-        version = tuple(id(p[0]) for p in parts)  # inference_factors makes new tensors after any update
-        hit = self._stack_cache.get(key)
-        if hit is None or hit[0] != version:
-            a_all, b_all, r = stack_lora(parts)  # [E, n*r, in], [E, out, n*r]
-            if len(self._stack_cache) >= 8:  # a few recent adapter sets; the oldest goes first
-                self._stack_cache.pop(next(iter(self._stack_cache)))
-            hit = (version, a_all, b_all, r)
-            self._stack_cache[key] = hit
-        return hit[1], hit[2], hit[3]
+        for adapter in self.active_adapters:
+            lora = self.adapters[adapter]
+            if name in lora.lora_A:
+                d = lora.delta(name, expert, x)
+                y = y.add_(d) if in_place else y + d
+        return y
 
     def _gate(self, h: torch.Tensor) -> torch.Tensor:
         if self._gate_fn is not None:
@@ -461,54 +400,43 @@ class StudioExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 **kwargs) -> torch.Tensor:
-        row_ids, token_row = self._mixed_rows(hidden_states.shape[0])
-        if row_ids is not None and torch.is_grad_enabled():
-            raise RuntimeError("mixed-adapter batches are for inference: run them under torch.no_grad()")
-        mixed = (self._mixed_plan(row_ids, token_row, hidden_states.dtype, hidden_states.device)
-                 if row_ids is not None else None)
+        if self.lora_slots is not None and self.lora_slots.applies():  # serving: each token's slot LoRA
+            return self.lora_slots(self, hidden_states, top_k_index, top_k_weights)
         if self.experts_impl == "eager":
-            return self._forward_eager(hidden_states, top_k_index, top_k_weights, mixed)
+            return self._forward_eager(hidden_states, top_k_index, top_k_weights)
         if self.experts_impl != "grouped":
             raise ValueError(f"experts_impl must be one of {EXPERTS_IMPLS}, got {self.experts_impl!r}")
-        return self._forward_grouped(hidden_states, top_k_index, top_k_weights, mixed)
+        return self._forward_grouped(hidden_states, top_k_index, top_k_weights)
 
-    def _forward_grouped(self, hidden_states, top_k_index, top_k_weights, mixed):
+    def _forward_grouped(self, hidden_states, top_k_index, top_k_weights):
         """Same function as _forward_eager: the assignments sorted once, every projection one grouped product."""
         routing = Routing(top_k_index, self.num_experts, self.grouped_layout, hidden_states.dtype)
         if routing.groups == 0:
             return torch.zeros_like(hidden_states)
         first, second = self.weight_names
         x = routing.gather_tokens(hidden_states)
-        h = self._grouped_project(first, x, routing, mixed)
+        h = self._grouped_project(first, x, routing)
         if torch.is_grad_enabled() and h.requires_grad:
             # keep only the gate's input for backward and recompute the activation there: the activation's own
             # saved outputs would be another [rows, intermediate] per layer (act(gate), and more for gpt-oss's clamp)
             h = torch.utils.checkpoint.checkpoint(self._gate, h, use_reentrant=False)
         else:
             h = self._gate(h)
-        out = self._grouped_project(second, h, routing, mixed)
+        out = self._grouped_project(second, h, routing)
         return routing.combine(out, top_k_weights).to(hidden_states.dtype)
 
-    def _grouped_project(self, name: str, x: torch.Tensor, routing: Routing, mixed: dict | None) -> torch.Tensor:
-        """x W_e (+ bias) + LoRA for rows in `routing`'s layout: the active adapters' (one autograd Function), or
-        in a mixed batch each row's own adapter's (stacked factors, rank blocks of other adapters zeroed)."""
+    def _grouped_project(self, name: str, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x W_e (+ bias) + the active adapters' LoRA for rows in `routing`'s layout (one autograd Function)."""
         scalings, lora = [], []
-        if mixed is None:
-            for adapter in self.active_adapters:
-                ad = self.adapters[adapter]
-                if name in ad.lora_A:
-                    a, b, s = ad.grouped_factors(name, routing, x.dtype)
-                    scalings.append(s)
-                    lora += [ad.dropout(x), a, b]
-        y = GroupedExpertProjection.apply(x, self, name, routing, tuple(scalings), *lora)
-        if mixed is not None and name in mixed:
-            a_all, b_all, keep = mixed[name]
-            keep = routing.gather_tokens(keep)
-            xa = routing.mm(x, routing.select(a_all).transpose(1, 2)) * keep
-            y = y + routing.mm(xa, routing.select(b_all).transpose(1, 2))
-        return y
+        for adapter in self.active_adapters:
+            ad = self.adapters[adapter]
+            if name in ad.lora_A:
+                a, b, s = ad.grouped_factors(name, routing, x.dtype)
+                scalings.append(s)
+                lora += [ad.dropout(x), a, b]
+        return GroupedExpertProjection.apply(x, self, name, routing, tuple(scalings), *lora)
 
-    def _forward_eager(self, hidden_states, top_k_index, top_k_weights, mixed):
+    def _forward_eager(self, hidden_states, top_k_index, top_k_weights):
         final = torch.zeros_like(hidden_states)
         first, second = self.weight_names
         with torch.no_grad():
@@ -518,22 +446,12 @@ class StudioExperts(nn.Module):
             if expert == self.num_experts:
                 continue
             pos, tok = torch.where(mask[expert])
-            h = self._project(first, expert, hidden_states[tok], mixed, tok)
+            h = self._project(first, expert, hidden_states[tok])
             h = self._gate(h)
-            out = self._project(second, expert, h, mixed, tok)
+            out = self._project(second, expert, h)
             out = out * top_k_weights[tok, pos, None]
             final.index_add_(0, tok, out.to(final.dtype))
         return final
-
-    def _mixed_rows(self, num_tokens: int):
-        if self.row_adapters is None:
-            return None, None
-        names = sorted({a for a in self.row_adapters if a is not None})
-        self._mixed_names = names
-        ids = torch.tensor([names.index(a) if a is not None else -1 for a in self.row_adapters])
-        per_row = num_tokens // len(self.row_adapters)
-        token_row = torch.arange(num_tokens) // per_row
-        return ids, token_row
 
     def extra_repr(self) -> str:
         q = "none" if self.quant is None else f"{self.quant.bits}bit/{self.quant.quant_type}"
@@ -564,16 +482,3 @@ def replace_experts(model: nn.Module, paths: list[str], quant: ExpertQuant | Non
                 delattr(original, name)
         out[path] = new
     return out
-
-
-@contextmanager
-def mixed_batch(model: nn.Module, row_adapters: list[str | None]):
-    """Within the block, every StudioExperts module applies row i's adapter to row i's tokens."""
-    modules = [m for m in model.modules() if isinstance(m, StudioExperts)]
-    for m in modules:
-        m.row_adapters = list(row_adapters)
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.row_adapters = None

@@ -1,0 +1,286 @@
+"""Attach, save and load LoRA adapters on a studio-loaded base.
+
+Linear targets (attention, shared experts, dense MLP) use PEFT's LoRA layers (bitsandbytes-aware);
+routed experts use studio.moe.experts. Saved adapters are plain PEFT artifacts: `adapter_config.json`
+(`target_modules` + `target_parameters`) and `adapter_model.safetensors`, loadable by
+`peft.PeftModel.from_pretrained` on the unquantized base, plus `studio_adapter.json` metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from studio.errors import ModelError
+from studio.moe.arch import decoder_layers
+from studio.moe.experts import StudioExperts
+from studio.lora.plan import LoraPlan, LoraSettings
+
+PREFIX = "base_model.model."
+METADATA_FILE = "studio_adapter.json"
+
+
+def _lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def _peft_config(plan: LoraPlan, base_id: str | None, inference: bool):
+    from peft import LoraConfig
+
+    s = plan.settings
+    target_parameters = [f"{p}.{n}" for p, names in plan.expert_targets.items() for n in names]
+    # PEFT's ParamWrapper refuses dropout; dropout only acts in training, so the saved config says 0 when experts
+    # are targeted and studio_adapter.json keeps the value used.
+    dropout = 0.0 if (target_parameters or inference) else s.dropout
+    return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=dropout, use_rslora=s.use_rslora,
+                      target_modules=list(plan.linear_targets), target_parameters=target_parameters or None,
+                      modules_to_save=list(plan.router_targets) or None, task_type="CAUSAL_LM",
+                      base_model_name_or_path=base_id, inference_mode=inference)
+
+
+def apply_plan(model: nn.Module, plan: LoraPlan, adapter: str = "default", trainable: bool = True) -> None:
+    """Add adapter `adapter` to the model as planned (LoRA B starts at zero: the model is unchanged)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    s = plan.settings
+    if plan.linear_targets:
+        # Inject on the decoder-layer list, not the transformers model: PEFT rewrites `gate_proj`/`up_proj`/
+        # `down_proj` targets of models with a config into fused-expert targets (its v4->v5 conversion), which
+        # would silently drop shared-expert and dense-MLP LoRA. The layer list has no config, so names stay as is.
+        layers_path = decoder_layers(model)[0][0].rsplit(".", 1)[0]
+        outside = [t for t in plan.linear_targets if not t.startswith(layers_path + ".")]
+        if outside:
+            raise ModelError(f"LoRA targets outside the decoder layers are not supported: {outside[:3]}")
+        cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, use_rslora=s.use_rslora,
+                         target_modules=[t[len(layers_path) + 1:] for t in plan.linear_targets],
+                         inference_mode=not trainable)
+        inject_adapter_in_model(cfg, model.get_submodule(layers_path), adapter_name=adapter)
+    for path, params in plan.expert_targets.items():
+        experts = model.get_submodule(path)
+        if not isinstance(experts, StudioExperts):
+            raise ModelError(f"{path} is not a studio experts module; load the base with studio.models.load_base")
+        experts.add_adapter(adapter, s.r, s.alpha, s.dropout, tuple(params), s.use_rslora)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter_parameters(model, adapter).values():
+        p.requires_grad_(trainable)
+    if plan.router_targets and trainable:
+        for path in plan.router_targets:
+            model.get_submodule(path).weight.requires_grad_(True)
+    set_active_adapter(model, adapter)
+
+
+def adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
+    """PEFT-format key -> live parameter, for one adapter."""
+    out: dict[str, nn.Parameter] = {}
+    for name, module in _lora_layers(model):
+        if adapter in module.lora_A:
+            out[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A[adapter].weight
+            out[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B[adapter].weight
+    for name, module in model.named_modules():
+        if isinstance(module, StudioExperts) and adapter in module.adapters:
+            lora = module.adapters[adapter]
+            targeted = [n for n in module.weight_names if n in lora.lora_A]
+            # PEFT nests one ParamWrapper per targeted parameter, the first registered innermost.
+            for i, param in enumerate(targeted):
+                key = f"{PREFIX}{name}" + ".base_layer" * (len(targeted) - 1 - i)
+                out[f"{key}.lora_A.weight"] = lora.lora_A[param]
+                out[f"{key}.lora_B.weight"] = lora.lora_B[param]
+    return out
+
+
+def router_parameters(model: nn.Module, plan: LoraPlan) -> dict[str, torch.Tensor]:
+    return {f"{PREFIX}{p}.weight": model.get_submodule(p).weight for p in plan.router_targets}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: FSDP2 holds DTensor shards, gathered here (a collective: every rank calls it,
+    in the same order, which the name-ordered dicts above give)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def adapter_state(model: nn.Module, plan: LoraPlan, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """PEFT-format key -> the adapter's full tensors on the CPU (LoRA factors in float32, trained router weights
+    as stored). Under FSDP2 every rank must call this (the shards are all-gathered)."""
+    state = {k: _full(v.detach()).to("cpu", torch.float32).contiguous()
+             for k, v in adapter_parameters(model, adapter).items()}
+    state.update({k: _full(v.detach()).to("cpu").contiguous() for k, v in router_parameters(model, plan).items()})
+    return state
+
+
+def load_into(live: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into live parameters; a sharded (FSDP2 DTensor) parameter takes its own shard of it
+    (every rank read the same file, so no communication is needed)."""
+    with torch.no_grad():
+        for k, p in live.items():
+            w = weights[k].to(p.dtype)
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                w = distribute_tensor(w.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(w)
+
+
+def set_active_adapter(model: nn.Module, adapter: str | None) -> None:
+    """Route every LoRA layer to `adapter` (None: the bare base)."""
+    for _, module in _lora_layers(model):
+        if adapter is None or adapter not in module.lora_A:
+            module.enable_adapters(False)
+        else:
+            module.enable_adapters(True)
+            module.set_adapter(adapter)
+    for module in model.modules():
+        if isinstance(module, StudioExperts):
+            module.active_adapters = [adapter] if adapter in module.adapters else []
+
+
+def delete_adapter(model: nn.Module, adapter: str) -> None:
+    for _, module in _lora_layers(model):
+        if adapter in module.lora_A:
+            module.delete_adapter(adapter)
+    for module in model.modules():
+        if isinstance(module, StudioExperts):
+            module.delete_adapter(adapter)
+
+
+def save_adapter(model: nn.Module, plan: LoraPlan, out_dir: str | os.PathLike, adapter: str = "default",
+                 base_id: str | None = None, metadata: dict | None = None, into_existing: bool = False,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter in PEFT's format (+ studio metadata) atomically: files go to a temp dir renamed last.
+    `state`: the tensors as `adapter_state` returned them (under FSDP every rank gathers, one rank writes).
+
+    `into_existing=True` (trainer checkpoints) moves each file into `out_dir` instead of replacing the folder,
+    so files other processes wrote there (optimizer, RNG states of every rank) survive."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    state = adapter_state(model, plan, adapter) if state is None else state
+    if not state:
+        raise ModelError(f"adapter {adapter!r} has no weights on this model")
+    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _peft_config(plan, base_id, inference=True).save_pretrained(str(tmp))
+    _sort_config_lists(tmp / "adapter_config.json")
+    meta = dict(metadata or {})
+    meta.setdefault("plan", plan.to_dict())
+    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    if into_existing:
+        out.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+        tmp.rmdir()
+    else:
+        from studio.paths import replace_directory
+
+        replace_directory(tmp, out)
+    return out
+
+
+def _sort_config_lists(path: Path) -> None:
+    """PEFT keeps target_modules as a set and saves it in hash order, which changes from run to run: the same plan
+    would give different config bytes (a spurious `registry diff` change). Save those name lists sorted.
+    `target_parameters` keeps its order: it is already deterministic (the plan's), and PEFT nests one ParamWrapper per
+    listed parameter of a module in that order, which names the saved keys (`experts.base_layer.lora_A` is the first
+    listed); sorting it would make PEFT and `studio export` read gate_up_proj's factors as down_proj's."""
+    cfg = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def plan_from_config(model: nn.Module, adapter_dir: str | os.PathLike) -> LoraPlan:
+    """Rebuild the LoRA plan of a saved adapter from its adapter_config.json."""
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    if not cfg_path.exists():
+        raise ModelError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    meta_path = Path(adapter_dir) / METADATA_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    settings = LoraSettings(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+                            dropout=float(meta.get("plan", {}).get("settings", {}).get("dropout", 0.0)),
+                            use_rslora=bool(cfg.get("use_rslora", False)))
+    module_names = {n for n, _ in model.named_modules()}
+    linear = []
+    tm = cfg.get("target_modules") or []
+    tm = [tm] if isinstance(tm, str) else tm
+    for t in tm:
+        matches = [n for n in module_names if n == t or n.endswith("." + t)]
+        if not matches:
+            raise ModelError(f"adapter targets module {t!r}, which this base does not have: wrong base?")
+        linear.extend(m for m in matches if not isinstance(model.get_submodule(m), StudioExperts))
+    experts: dict[str, list[str]] = {}
+    for t in cfg.get("target_parameters") or []:
+        path, _, param = t.rpartition(".")
+        matches = [n for n in module_names if (n == path or n.endswith("." + path))
+                   and isinstance(model.get_submodule(n), StudioExperts)]
+        if not matches:
+            raise ModelError(f"adapter targets expert parameter {t!r}, which this base does not have: wrong base?")
+        for m in matches:
+            experts.setdefault(m, []).append(param)
+    for m, params in experts.items():
+        order = model.get_submodule(m).weight_names
+        experts[m] = [p for p in order if p in params]
+    return LoraPlan(targets=["from-adapter"], settings=settings, linear_targets=sorted(set(linear)),
+                    expert_targets=dict(sorted(experts.items())),
+                    router_targets=list(cfg.get("modules_to_save") or []))
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter: str, trainable: bool = False) -> LoraPlan:
+    """Attach a saved adapter under the name `adapter`; every tensor must match (no missing/unexpected keys)."""
+    plan = plan_from_config(model, adapter_dir)
+    if plan.router_targets and not trainable:
+        raise ModelError("this adapter retrains the router; serving it beside other adapters is not supported yet")
+    apply_plan(model, plan, adapter, trainable=trainable)
+    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    live = adapter_parameters(model, adapter)
+    live.update(router_parameters(model, plan))
+    missing = sorted(set(live) - set(weights))
+    unexpected = sorted(set(weights) - set(live))
+    if missing or unexpected:
+        delete_adapter(model, adapter)
+        raise ModelError(f"adapter {adapter_dir} does not fit this base: missing {missing[:3]} unexpected "
+                         f"{unexpected[:3]} (was it trained on another base?)")
+    with torch.no_grad():
+        for key, param in live.items():
+            if tuple(weights[key].shape) != tuple(param.shape):
+                delete_adapter(model, adapter)
+                raise ModelError(f"adapter tensor {key} has shape {tuple(weights[key].shape)}, this base expects "
+                                 f"{tuple(param.shape)}: trained on another base?")
+            param.copy_(weights[key].to(param.dtype))
+    if not trainable:  # new LoRA modules start in training mode, where their dropout would act
+        model.eval()
+    return plan
+
+
+def save_random_adapter(loaded, out_dir: str | os.PathLike, domain: str, seed: int,
+                        targets: str = "attention,experts", scale: float = 0.2, r: int = 4) -> Path:
+    """An adapter with random non-zero LoRA factors, saved like a trained one (PEFT files + studio metadata).
+
+    For benchmarks and tests of serving: it changes the base's outputs the way a trained adapter does, without
+    a training run. `loaded` is a studio LoadedBase; the adapter is attached, saved and detached again."""
+    from studio.lora.plan import build_plan
+
+    name = f"random_{domain}_{seed}"
+    plan = build_plan(loaded.model, loaded.arch, loaded.components, targets, LoraSettings(r=r, alpha=2 * r))
+    apply_plan(loaded.model, plan, name, trainable=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(loaded.model, name).values():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    meta = {"domain": domain, "base": loaded.describe(), "metrics": {},
+            "hyperparameters": {"seed": seed, "random_init_scale": scale}, "plan": plan.to_dict()}
+    try:
+        return save_adapter(loaded.model, plan, out_dir, name, base_id=loaded.ref, metadata=meta)
+    finally:
+        delete_adapter(loaded.model, name)
+        set_active_adapter(loaded.model, None)

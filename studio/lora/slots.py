@@ -1,0 +1,393 @@
+"""Serving LoRA: preallocated slot buffers per LoRA layer and one per-forward batch object, as vLLM's punica wrapper.
+
+Owns: the slot layers (`SlotLinear` around a base linear, `ExpertSlots` beside a StudioExperts), the `LoraBatch`
+(token -> slot index, built once per forward on the device) and `LoraSlots`, which writes a saved PEFT adapter into
+a slot and clears it. It does not decide which adapter lives in which slot: the engine's residency does.
+
+    slots = LoraSlots(model, max_slots=8)
+    slots.load(0, "adapters/law/v3"); slots.load(1, "adapters/code/v1")
+    with slots.rows([0, None, 1]):                      # row 0 -> slot 0, row 1 -> bare base, row 2 -> slot 1
+        logits = model(input_ids=ids).logits            # ids: [3, T]
+
+Every layer holds A [S, R, in] and B [S, out, R] (experts: [S, E, R, in], [S, E, out, R]) for S = max_slots at the
+largest rank R seen so far, LoRA scaling folded into B, smaller ranks zero-padded (zero columns add nothing). A
+forward where every row uses one slot runs two plain matmuls per layer (experts: the grouped path's products on the
+slot's factors); a mixed forward sorts its tokens by slot once (for the linears) or by (slot, expert) once per MoE
+layer and runs grouped products over the segments. Nothing is rebuilt per adapter set and no PEFT code runs at
+serving time; training keeps PEFT's layers and `ExpertLora` (studio.lora.io), whose saved files these slots read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from studio.errors import ModelError
+from studio.moe.experts import StudioExperts
+from studio.moe.grouped import GroupedExpertProjection, Routing
+
+PREFIX = "base_model.model."
+
+
+class LoraBatch:
+    """Which slot every row of the current forward uses (-1: the bare base). Set by the engine once per forward;
+    read by every slot layer. `uniform` is the one slot of a batch whose rows all use it (or None).
+
+    A layer's input holds the rows' tokens row-major ([rows, L, d] or flattened [rows * L, d]); L is the forward's
+    new tokens for most layers but the whole cached length for some (DeepSeek's MLA expands its cached latents with
+    kv_b_proj every step), so the token -> slot index and the tokens' sort by slot are built once per forward for
+    each length seen and reused by every layer."""
+
+    def __init__(self, max_slots: int):
+        self.max_slots = max_slots
+        self.active = False        # False: no LoRA at all this forward
+        self.uniform: int | None = None
+        self.rows = 0
+        self.row_slot: torch.Tensor | None = None  # [rows] long on the device, mixed batches only
+        self._tokens: dict = {}    # tokens -> token_slot [tokens]
+        self._routing: dict = {}   # (tokens, device, dtype) -> Routing of the tokens by slot (the linears' segments)
+
+    def set(self, row_slots: list[int | None], device=None) -> None:
+        """Rows' slots for the next forward(s); `device`: where the model runs."""
+        self._tokens, self._routing = {}, {}
+        distinct = set(row_slots)
+        if distinct == {None}:
+            self.active, self.uniform, self.row_slot = False, None, None
+            return
+        self.active = True
+        if len(distinct) == 1:
+            self.uniform, self.row_slot = row_slots[0], None
+            return
+        self.uniform = None
+        self.rows = len(row_slots)
+        self.row_slot = torch.tensor([-1 if s is None else s for s in row_slots], dtype=torch.long,
+                                     device=device or "cpu")
+
+    def clear(self) -> None:
+        self.active, self.uniform, self.row_slot, self._tokens, self._routing = False, None, None, {}, {}
+
+    def token_slot(self, tokens: int) -> torch.Tensor:
+        """[tokens] slot of every token of a row-major input holding `tokens` tokens (-1: the bare base)."""
+        hit = self._tokens.get(tokens)
+        if hit is None:
+            if tokens % self.rows:
+                raise RuntimeError(f"a LoRA layer got {tokens} tokens, not a multiple of the batch's {self.rows} rows")
+            hit = self._tokens[tokens] = self.row_slot.repeat_interleave(tokens // self.rows)
+        return hit
+
+    def linear_routing(self, tokens: int, device, dtype) -> Routing:
+        """The tokens sorted by slot (base tokens left out), once per forward and length; every linear reuses it."""
+        key = (tokens, device, dtype)
+        hit = self._routing.get(key)
+        if hit is None:
+            slot = self.token_slot(tokens).to(device)
+            ids = torch.where(slot < 0, self.max_slots, slot)
+            hit = self._routing[key] = Routing(ids[:, None], self.max_slots, "auto", dtype)
+        return hit
+
+
+def _grow(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """A zero tensor of `shape` holding `t` in its leading corner (slot buffers growing to a larger rank)."""
+    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+class SlotLinear(nn.Module):
+    """A base linear (nn.Linear, bitsandbytes Linear4bit/8bit) plus slot LoRA: y = base(x) + B[s] (A[s] x)."""
+
+    def __init__(self, base_layer: nn.Module, batch: LoraBatch, max_slots: int, rank: int, dtype: torch.dtype):
+        super().__init__()
+        self.base_layer = base_layer
+        self.batch = batch
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        device = next(base_layer.parameters()).device
+        self.register_buffer("lora_A", torch.zeros(max_slots, rank, self.in_features, dtype=dtype, device=device))
+        self.register_buffer("lora_B", torch.zeros(max_slots, self.out_features, rank, dtype=dtype, device=device))
+        self.filled = [False] * max_slots  # slots whose adapter targets this layer
+
+    def grow(self, rank: int) -> None:
+        s, _, i = self.lora_A.shape
+        self.lora_A = _grow(self.lora_A, (s, rank, i))
+        self.lora_B = _grow(self.lora_B, (s, self.out_features, rank))
+
+    def write(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """a [r, in], b [out, r] already scaled."""
+        r = a.shape[0]
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.lora_A[slot, :r] = a.to(self.lora_A.dtype)
+        self.lora_B[slot, :, :r] = b.to(self.lora_B.dtype)
+        self.filled[slot] = True
+
+    def clear(self, slot: int) -> None:
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.filled[slot] = False
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        batch = self.batch
+        if not batch.active:
+            return y
+        if batch.uniform is not None:
+            s = batch.uniform
+            if not self.filled[s]:
+                return y
+            return y + F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A[s]), self.lora_B[s]).to(y.dtype)
+        flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
+        routing = batch.linear_routing(flat.shape[0], flat.device, flat.dtype)
+        if routing.groups == 0:
+            return y
+        h = routing.mm(routing.gather_tokens(flat), routing.select(self.lora_A).transpose(1, 2))
+        d = routing.from_layout(routing.mm(h, routing.select(self.lora_B).transpose(1, 2)))
+        out = y.reshape(-1, y.shape[-1])  # the base's fresh output, added to in place (inference only)
+        out.index_add_(0, routing.slot, d.to(out.dtype))
+        return out.view_as(y)
+
+    def extra_repr(self) -> str:
+        return f"slots={self.lora_A.shape[0]}, rank={self.lora_A.shape[1]}"
+
+
+class ExpertSlots(nn.Module):
+    """Slot buffers of one StudioExperts module, per targeted fused projection: A [S, E, R, in], B [S, E, out, R]
+    (expert-major, scaled). Installed as `experts.lora_slots`; StudioExperts.forward hands over to `forward` when
+    the batch has LoRA rows."""
+
+    def __init__(self, owner: StudioExperts, batch: LoraBatch, max_slots: int, rank: int, dtype: torch.dtype):
+        super().__init__()
+        self.batch = batch
+        self.max_slots = max_slots
+        self.num_experts = owner.num_experts
+        self.lora_A = nn.ParameterDict()  # plain tensors would do; buffers in a dict need names, so frozen params
+        self.lora_B = nn.ParameterDict()
+        device = next(iter(owner.buffers()), next(iter(owner.parameters()), torch.empty(0))).device
+        for name in owner.weight_names:
+            e, fan_in, fan_out, _ = owner.layout(name)
+            self.lora_A[name] = nn.Parameter(torch.zeros(max_slots, e, rank, fan_in, dtype=dtype, device=device),
+                                             requires_grad=False)
+            self.lora_B[name] = nn.Parameter(torch.zeros(max_slots, e, fan_out, rank, dtype=dtype, device=device),
+                                             requires_grad=False)
+        self.filled = {name: [False] * max_slots for name in owner.weight_names}
+
+    def grow(self, rank: int) -> None:
+        for name in list(self.lora_A):
+            s, e, _, i = self.lora_A[name].shape
+            o = self.lora_B[name].shape[2]
+            self.lora_A[name] = nn.Parameter(_grow(self.lora_A[name].data, (s, e, rank, i)), requires_grad=False)
+            self.lora_B[name] = nn.Parameter(_grow(self.lora_B[name].data, (s, e, o, rank)), requires_grad=False)
+
+    def write(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """a [E, r, in], b [E, out, r] already scaled."""
+        r = a.shape[1]
+        A, B = self.lora_A[name].data, self.lora_B[name].data
+        A[slot].zero_()
+        B[slot].zero_()
+        A[slot, :, :r] = a.to(A.dtype)
+        B[slot, :, :, :r] = b.to(B.dtype)
+        self.filled[name][slot] = True
+
+    def clear(self, slot: int) -> None:
+        for name in self.lora_A:
+            self.lora_A[name].data[slot].zero_()
+            self.lora_B[name].data[slot].zero_()
+            self.filled[name][slot] = False
+
+    def applies(self) -> bool:
+        b = self.batch
+        return b.active and (b.uniform is None or any(f[b.uniform] for f in self.filled.values()))
+
+    def forward(self, owner: StudioExperts, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """StudioExperts' grouped forward with every token's slot LoRA (inference only)."""
+        if torch.is_grad_enabled() and hidden_states.requires_grad:
+            raise RuntimeError("slot LoRA is for inference: train with the adapter's own layers (studio.lora.io)")
+        routing = Routing(top_k_index, owner.num_experts, owner.grouped_layout, hidden_states.dtype)
+        if routing.groups == 0:
+            return torch.zeros_like(hidden_states)
+        mixed = None if self.batch.uniform is not None else self._mixed_routing(hidden_states, top_k_index, routing)
+        first, second = owner.weight_names
+        x = routing.gather_tokens(hidden_states)
+        h = owner._gate(self._project(owner, first, x, routing, mixed))
+        out = self._project(owner, second, h, routing, mixed)
+        return routing.combine(out, top_k_weights).to(hidden_states.dtype)
+
+    def _mixed_routing(self, hidden_states, top_k_index, routing: Routing):
+        """The assignments sorted by (slot, expert), once per layer, and where each of its rows sits among
+        `routing`'s rows (sorted by expert)."""
+        e, s = self.num_experts, self.max_slots
+        slot = self.batch.token_slot(hidden_states.shape[0]).to(top_k_index.device)[:, None]
+        key = torch.where((slot >= 0) & (top_k_index < e), slot * e + top_k_index, s * e)
+        by_slot = Routing(key, s * e, "auto", hidden_states.dtype)
+        position = torch.empty(top_k_index.numel(), dtype=torch.long, device=top_k_index.device)
+        position[routing.slot] = torch.arange(routing.rows, device=top_k_index.device)
+        return by_slot, position[by_slot.slot]
+
+    def _project(self, owner, name, x, routing: Routing, mixed) -> torch.Tensor:
+        filled = self.filled.get(name)
+        A, B = self.lora_A[name], self.lora_B[name]
+        if mixed is None:  # one slot on every row: the grouped path's fused base + LoRA products
+            s = self.batch.uniform
+            if filled is None or not filled[s]:
+                return GroupedExpertProjection.apply(x, owner, name, routing, ())
+            a, b = routing.select(A[s]), routing.select(B[s])
+            return GroupedExpertProjection.apply(x, owner, name, routing, (1.0,), x, a, b)
+        y = GroupedExpertProjection.apply(x, owner, name, routing, ())
+        if filled is None or not any(filled):
+            return y
+        by_slot, position = mixed
+        if by_slot.groups == 0:
+            return y
+        flat_a = A.view(-1, *A.shape[2:])   # [S*E, R, in]: group g of by_slot is slot g // E, expert g % E
+        flat_b = B.view(-1, *B.shape[2:])
+        rows = routing.from_layout(x).index_select(0, position)
+        xa = by_slot.mm(by_slot.to_layout(rows), by_slot.select(flat_a).transpose(1, 2))
+        d = by_slot.from_layout(by_slot.mm(xa, by_slot.select(flat_b).transpose(1, 2)))
+        y_rows = routing.from_layout(y)  # y itself in the jagged layout (added to in place: no autograd here)
+        y_rows.index_add_(0, position, d.to(y_rows.dtype))
+        return routing.to_layout(y_rows) if routing.layout == "padded" else y_rows
+
+
+class LoraSlots:
+    """Slot buffers on a loaded base and the one LoraBatch its layers read. Layers are wrapped (linears) or given
+    slot buffers (experts) when an adapter first targets them; each holds `max_slots` slots from then on."""
+
+    def __init__(self, model: nn.Module, max_slots: int, rank: int = 8, dtype: torch.dtype | None = None):
+        if max_slots < 1:
+            raise ValueError("max_slots must be at least 1")
+        self.model = model
+        self.max_slots = max_slots
+        self.rank = rank
+        self.dtype = dtype or model.get_input_embeddings().weight.dtype
+        if not self.dtype.is_floating_point:
+            self.dtype = torch.float32
+        self.batch = LoraBatch(max_slots)
+        self.linears: dict[str, SlotLinear] = {}
+        self.experts: dict[str, ExpertSlots] = {}
+        self.ranks: dict[int, int] = {}   # slot -> rank of the adapter in it
+
+    # ---- layers --------------------------------------------------------------------------------
+    def _linear(self, path: str) -> SlotLinear:
+        layer = self.linears.get(path)
+        if layer is None:
+            parent_name, _, child = path.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            base = getattr(parent, child)
+            if not hasattr(base, "in_features"):
+                raise ModelError(f"{path} is not a linear layer; slot LoRA wraps linears and fused experts only")
+            layer = SlotLinear(base, self.batch, self.max_slots, self.rank, self.dtype)
+            setattr(parent, child, layer)
+            self.linears[path] = layer
+        return layer
+
+    def _experts(self, path: str) -> ExpertSlots:
+        slots = self.experts.get(path)
+        if slots is None:
+            owner = self.model.get_submodule(path)
+            if not isinstance(owner, StudioExperts):
+                raise ModelError(f"{path} is not a studio experts module; load the base with studio.models.load_base")
+            slots = ExpertSlots(owner, self.batch, self.max_slots, self.rank, self.dtype)
+            owner.lora_slots = slots
+            self.experts[path] = slots
+        return slots
+
+    def _ensure_rank(self, r: int) -> None:
+        """A larger rank than any so far: every layer's buffers grow once (slots already written keep their
+        factors, zero-padded); ranks up to the largest seen reuse the buffers."""
+        if r <= self.rank:
+            return
+        self.rank = r
+        for layer in self.linears.values():
+            layer.grow(r)
+        for slots in self.experts.values():
+            slots.grow(r)
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def load(self, slot: int, adapter_dir: str | os.PathLike):
+        """Write a saved PEFT adapter's factors into `slot` of every layer it targets (other layers' slot is
+        cleared). Every tensor must fit: missing / unexpected keys and shape mismatches raise ModelError."""
+        from safetensors.torch import load_file
+
+        from studio.lora.io import plan_from_config
+
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} out of range 0..{self.max_slots - 1}")
+        plan = plan_from_config(self.model, adapter_dir)
+        if plan.router_targets:
+            raise ModelError("this adapter retrains the router; serving it beside other adapters is not supported yet")
+        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+        expected: dict[str, tuple[int, ...]] = {}
+        for path in plan.linear_targets:
+            module = self.model.get_submodule(path)
+            base = module.base_layer if isinstance(module, SlotLinear) else module
+            expected[f"{PREFIX}{path}.lora_A.weight"] = (r, base.in_features)
+            expected[f"{PREFIX}{path}.lora_B.weight"] = (base.out_features, r)
+        expert_keys = {}
+        for path, params in plan.expert_targets.items():
+            owner = self.model.get_submodule(path)
+            targeted = [n for n in owner.weight_names if n in params]
+            for i, name in enumerate(targeted):  # PEFT nests one ParamWrapper per parameter, the first innermost
+                key = f"{PREFIX}{path}" + ".base_layer" * (len(targeted) - 1 - i)
+                e, fan_in, fan_out, _ = owner.layout(name)
+                expected[f"{key}.lora_A.weight"] = (r * e, fan_in)
+                expected[f"{key}.lora_B.weight"] = (fan_out, r * e)
+                expert_keys[(path, name)] = key
+        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        if missing or unexpected:
+            raise ModelError(f"adapter {adapter_dir} does not fit this base: missing {missing[:3]} unexpected "
+                             f"{unexpected[:3]} (was it trained on another base?)")
+        for key, shape in expected.items():
+            if tuple(weights[key].shape) != shape:
+                raise ModelError(f"adapter tensor {key} has shape {tuple(weights[key].shape)}, this base expects "
+                                 f"{shape}: trained on another base?")
+        self._ensure_rank(r)
+        self.clear(slot)
+        with torch.no_grad():
+            for path in plan.linear_targets:
+                layer = self._linear(path)
+                a, b = weights[f"{PREFIX}{path}.lora_A.weight"], weights[f"{PREFIX}{path}.lora_B.weight"]
+                layer.write(slot, a.to(layer.lora_A.device), b.to(layer.lora_B.device) * scaling)
+            for (path, name), key in expert_keys.items():
+                slots = self._experts(path)
+                e = slots.num_experts
+                a, b = weights[f"{key}.lora_A.weight"], weights[f"{key}.lora_B.weight"]
+                device = slots.lora_A[name].device
+                # PEFT's fused layout: lora_A [r*E, in] expert-major rows, lora_B [out, r*E] expert-fastest columns
+                slots.write(slot, name, a.view(e, r, -1).to(device),
+                            b.view(b.shape[0], r, e).permute(2, 0, 1).to(device) * scaling)
+        self.ranks[slot] = r
+        return plan
+
+    def clear(self, slot: int) -> None:
+        """Empty a slot in every layer (its adapter is gone; the buffers stay)."""
+        with torch.no_grad():
+            for layer in self.linears.values():
+                layer.clear(slot)
+            for slots in self.experts.values():
+                slots.clear(slot)
+        self.ranks.pop(slot, None)
+
+    @contextmanager
+    def rows(self, row_slots: list[int | None], device=None):
+        """Within the block, row i of every forward uses slot row_slots[i] (None: the bare base)."""
+        self.batch.set(row_slots, device=device)
+        try:
+            yield
+        finally:
+            self.batch.clear()
+
+    def nbytes(self) -> int:
+        """Bytes of every slot buffer (fixed once allocated: it does not depend on which adapters are mixed)."""
+        total = sum(m.lora_A.nbytes + m.lora_B.nbytes for m in self.linears.values())
+        for slots in self.experts.values():
+            total += sum(p.nbytes for p in list(slots.lora_A.values()) + list(slots.lora_B.values()))
+        return total

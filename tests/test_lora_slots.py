@@ -1,0 +1,120 @@
+"""Serving LoRA slots (studio/lora/slots.py) on all six families: slot buffers compute the saved PEFT adapter's
+function (oracle: the adapter loaded with PEFT's layers), mixed-adapter batches through the engine give the greedy
+outputs of per-adapter runs, and resident memory is the base plus one fixed set of slot buffers."""
+
+import gc
+
+import pytest
+import torch
+
+from studio.adapters import load_adapter, save_random_adapter, set_active_adapter
+from studio.engine import Engine, SamplingParams
+from studio.models.loading import QuantSpec, load_base
+from studio.models.tiny import EMBEDDED
+from studio.registry import AdapterRegistry
+
+# (domain, LoRA targets, rank): expert and attention LoRA, ranks below, at and above the slots' starting rank (8),
+# so the buffers grow once while others are resident
+ADAPTERS = [("law", "attention,experts", 4), ("code", "experts", 2), ("med", "attention", 12)]
+PROMPTS = ["The court held that the contract", "def add(a, b):", "Explain sepsis.", "A patient with"]
+
+
+@pytest.mark.parametrize("name", list(EMBEDDED))
+def test_mixed_batches_equal_per_adapter_runs_and_peft(name, tmp_path):
+    maker = load_base(name, QuantSpec("4bit"))
+    registry = AdapterRegistry(tmp_path / "reg")
+    dirs = {}
+    for i, (domain, targets, r) in enumerate(ADAPTERS):
+        dirs[domain] = save_random_adapter(maker, tmp_path / domain, domain, seed=i + 1, targets=targets, r=r,
+                                           scale=0.1)
+        registry.register(dirs[domain], domain)
+    ids = torch.randint(6, 2000, (4, 9), generator=torch.Generator().manual_seed(0))
+    rows = ["law", None, "med", "code"]
+    # the oracle: each saved adapter on PEFT's layers and the trainable ExpertLora, one at a time
+    peft = {}
+    with torch.no_grad():
+        peft[None] = maker.model(input_ids=ids).logits
+        for domain in dirs:
+            load_adapter(maker.model, dirs[domain], domain)
+            set_active_adapter(maker.model, domain)
+            peft[domain] = maker.model(input_ids=ids).logits
+            set_active_adapter(maker.model, None)
+    del maker
+    engine = Engine(name, registry=registry, max_resident=4, max_batch_size=8, max_wait_ms=50)
+    try:
+        for domain in ["code", "law", "med"]:  # slots 0, 1, 2; the rank grows from 8 to 12 on the last
+            engine.load(domain)
+        assert engine.residency.slots.rank == 12
+        with engine.model_lock, torch.no_grad():
+            for domain in dirs:
+                with engine.using(domain) as model:
+                    uniform = model(input_ids=ids).logits
+                assert (uniform - peft[domain]).abs().max() < 1e-4, domain
+                assert (peft[domain] - peft[None]).abs().max() > 1e-2, domain  # the adapter does change the output
+            slots = engine.residency.slots
+            with slots.rows([None if d is None else engine.residency.entries[f"{d}@v1"].slot for d in rows]):
+                mixed = engine.model(input_ids=ids).logits
+        for i, domain in enumerate(rows):
+            assert (mixed[i] - peft[domain][i]).abs().max() < 1e-4, (domain, (mixed[i] - peft[domain][i]).abs().max())
+        # greedy generation through the scheduler: one mixed batch against one run per adapter
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        together = engine.generate(PROMPTS, adapters=rows, params=params)
+        for prompt, domain, got in zip(PROMPTS, rows, together):
+            alone = engine.generate(prompt, adapters=domain, params=params)[0]
+            assert got.token_ids == alone.token_ids, domain
+            assert got.adapter == (None if domain is None else f"{domain}@v1")
+    finally:
+        engine.close()
+
+
+def _tensor_bytes() -> int:
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if torch.is_tensor(obj) and id(obj) not in seen:
+            seen.add(id(obj))
+            total += obj.untyped_storage().nbytes() if obj.device.type == "cpu" else 0
+    return total
+
+
+def test_resident_memory_is_base_plus_one_set_of_slot_buffers(tmp_path):
+    """Eight resident adapters of rank 8 on attention and experts: the model holds exactly the base's tensors plus the
+    slot buffers, which hold exactly the eight adapters' factors (the bound: base + sum of the adapters); mixing other
+    sets of adapters afterwards allocates nothing that stays (live tensors within 1 MiB)."""
+    maker = load_base("tiny-moe", QuantSpec("4bit"))
+    registry = AdapterRegistry(tmp_path / "reg")
+    adapter_bytes = 0
+    for i in range(9):
+        path = save_random_adapter(maker, tmp_path / f"a{i}", f"a{i}", seed=i, targets="attention,experts", r=8)
+        registry.register(path, f"a{i}")
+        if i < 8:
+            from safetensors.torch import load_file
+
+            adapter_bytes += sum(t.nbytes for t in load_file(str(path / "adapter_model.safetensors")).values())
+    del maker
+    engine = Engine("tiny-moe", registry=registry, max_resident=8, max_batch_size=8, max_wait_ms=0)
+
+    def model_bytes():
+        return sum(t.nbytes for t in list(engine.model.parameters()) + list(engine.model.buffers()))
+
+    try:
+        base = model_bytes()
+        for i in range(8):
+            engine.load(f"a{i}")
+        slots = engine.residency.slots
+        assert slots.nbytes() == adapter_bytes  # 8 slots at rank 8 in float32: the adapters' own factors
+        assert model_bytes() == base + slots.nbytes()
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        sets = [["a0", "a1", None, "a2"], ["a3", "a4", "a5", "a6"], ["a7", None, "a0", "a5"], ["a2", "a6", "a1", "a3"]]
+        engine.generate(["x"] * 4, adapters=sets[0], params=params)
+        gc.collect()
+        settled = _tensor_bytes()
+        for adapters in sets[1:]:
+            engine.generate(["x"] * 4, adapters=adapters, params=params)
+            gc.collect()
+            assert _tensor_bytes() - settled < 2 ** 20
+        assert model_bytes() == base + slots.nbytes()
+        # a ninth adapter takes the LRU idle slot: still one set of buffers
+        engine.generate("x", adapters="a8", params=params)
+        assert len(engine.resident()) == 8 and model_bytes() == base + slots.nbytes()
+    finally:
+        engine.close()
