@@ -126,6 +126,27 @@ def rank_block_mask(col: torch.Tensor, n: int, r: int) -> torch.Tensor:
     return (col[:, None] == torch.arange(n)[None, :]).repeat_interleave(r, dim=1)
 
 
+class _SlotGather(torch.autograd.Function):
+    """out [G, ...] = zeros with out[dst] = src[idx] (each slot at most once), backward a plain indexed write into
+    zeros. index_select with a shared zero row for the unselected experts would do the same, but its backward
+    (scatter_add over repeated indices) took longer than the whole LoRA product on 2 CPU cores."""
+
+    @staticmethod
+    def forward(ctx, src, idx, dst, groups):
+        ctx.save_for_backward(idx, dst)
+        ctx.slots = src.shape[0]
+        out = src.new_zeros(groups, *src.shape[1:])
+        out.index_put_((dst,), src.index_select(0, idx))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, dst = ctx.saved_tensors
+        out = grad.new_zeros(ctx.slots, *grad.shape[1:])
+        out.index_put_((idx,), grad.index_select(0, dst))
+        return out, None, None, None
+
+
 class ExpertLora(nn.Module):
     """One adapter's factors for every targeted fused parameter, in PEFT's `target_parameters` layout:
     lora_A [r*E, in] (expert-major rows), lora_B [out, r*E] (rank-major columns).
@@ -250,13 +271,12 @@ class ExpertLora(nn.Module):
             if self.expert_ids is None:
                 return routing.select(a_s).to(dtype), routing.select(b_s).contiguous().to(dtype), self.scaling
             slots = self.slot_of.index_select(0, routing.hit)
-            picked = slots >= 0
-            if not bool(picked.any()):
+            dst = (slots >= 0).nonzero().flatten()  # the hit experts that are selected ...
+            if dst.numel() == 0:
                 return None
-            # a zero slot S stands in for every unselected hit expert
-            index = torch.where(picked, slots, torch.full_like(slots, s))
-            a_g = torch.cat([a_s, a_s.new_zeros(1, *a_s.shape[1:])]).index_select(0, index)
-            b_g = torch.cat([b_s, b_s.new_zeros(1, *b_s.shape[1:])]).index_select(0, index)
+            idx = slots.index_select(0, dst)       # ... and their slots; the other hit experts get zero factors
+            a_g = _SlotGather.apply(a_s, idx, dst, routing.groups)
+            b_g = _SlotGather.apply(b_s, idx, dst, routing.groups)
             return a_g.to(dtype), b_g.to(dtype), self.scaling
         if self.expert_ids is not None and not bool((self.slot_of.index_select(0, routing.hit) >= 0).any()):
             return None
