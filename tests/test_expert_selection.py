@@ -340,3 +340,74 @@ def test_training_with_a_selection_trains_only_the_selected_experts(tmp_path, mo
     assert any("from the cache" in line for line in logs)
     chosen2 = json.loads((Path(again.adapter_dir) / "studio_adapter.json").read_text())["expert_selection"]["experts"]
     assert {k: len(v) for k, v in chosen2.items()} == {k: len(v) for k, v in chosen.items()}
+
+
+# --------------------------------------------------------------------------- serving, eval overlay, UI
+
+
+def _selective_random_adapter(loaded, out: Path, seed: int) -> Path:
+    """A selective adapter with random non-zero factors (as a trained one would have), saved like the trainer."""
+    plan, _, _ = _selective_plan(loaded, LoraSettings(r=4, alpha=8))
+    name = f"sel{seed}"
+    apply_plan(loaded.model, plan, name, trainable=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(loaded.model, name).values():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    from studio.adapters import delete_adapter, set_active_adapter
+
+    meta = {"domain": "law", "base": loaded.describe(), "dataset": {"ref": "law@v1"}, "plan": plan.to_dict()}
+    try:
+        return save_adapter(loaded.model, plan, out, name, base_id=loaded.ref, metadata=meta)
+    finally:
+        delete_adapter(loaded.model, name)
+        set_active_adapter(loaded.model, None)
+
+
+def test_engine_serves_selective_adapters_in_mixed_batches_and_eval_outlines_their_experts(tmp_path):
+    from serving_fixtures import make_real_adapter
+
+    from studio.engine import Engine, SamplingParams
+    from studio.eval import evaluate, plot_expert_usage
+    from studio.registry import AdapterRegistry
+
+    maker = load_base("tiny-moe", QuantSpec("4bit"))
+    registry = AdapterRegistry(tmp_path / "reg")
+    registry.register(_selective_random_adapter(maker, tmp_path / "sel", 5), "law")
+    registry.register(make_real_adapter(maker, tmp_path / "full", "medicine", 6), "medicine")
+    prompts = ["The court held that the contract", [{"role": "user", "content": "Explain sepsis."}], "def add(a, b):"]
+    adapters = ["law", "medicine", None]
+    params = SamplingParams(max_tokens=8)
+    with Engine("tiny-moe", registry=registry, max_batch_size=8, max_wait_ms=20) as engine:
+        mixed = engine.generate(prompts, adapters=adapters, params=params)
+        singles = [engine.generate([p], adapters=a, params=params)[0] for p, a in zip(prompts, adapters)]
+        assert [m.token_ids for m in mixed] == [s.token_ids for s in singles]
+        bare = engine.generate(prompts[0], adapters=None, params=params)[0]
+        assert mixed[0].token_ids != bare.token_ids  # the selective adapter changes the output
+        experts = [m for m in engine.base.model.modules() if isinstance(m, StudioExperts)]
+        resident = [a for m in experts for a in m.adapters.values() if a.selective]
+        assert len(resident) == len(experts) and all(r.num_slots == 2 for r in resident)  # only the selected slots
+        report = evaluate(engine, models=["law", "medicine"], dataset=_rows_file(tmp_path / "d.jsonl"),
+                          domains="none", max_eval_examples=4, gen_prompts=0, seq_len=64, record=False)
+    info = {m.name: m.selected_experts for m in report.models}
+    assert info["law@v1"] and info["medicine@v1"] is None
+    fig = plot_expert_usage(report)
+    titles = [ax.get_title() for ax in fig.axes]
+    law_ax = fig.axes[titles.index("law@v1 (trained experts outlined)")]
+    assert len(law_ax.patches) == sum(len(v) for v in info["law@v1"].values())
+    assert not fig.axes[titles.index("medicine@v1")].patches
+
+
+def test_train_tab_profiles_the_dataset_and_starts_with_the_selection(tmp_path):
+    from studio.ui.train_tab import REGISTERED, profile_preview
+
+    data = _rows_file(tmp_path / "law.jsonl")
+    fig, text = profile_preview(None, REGISTERED, data, "tiny-mixtral", "4bit", 64, "top:2", 0)
+    assert "trains LoRA on **4 of 16** routed experts" in text
+    assert sum(len(ax.patches) for ax in fig.axes) == 2 * 4  # both heatmaps outline the 4 selected experts
+    _, again = profile_preview(None, REGISTERED, data, "tiny-mixtral", "4bit", 64, "all", 0)
+    assert "From the cache" in again and "16 of 16" in again
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="not understood"):
+        profile_preview(None, REGISTERED, data, "tiny-mixtral", "4bit", 64, "most:3", 0)
