@@ -47,7 +47,9 @@ parser.add_argument("--seed", type=int, default=0, help="seed for LoRA init, dat
 # measurement
 parser.add_argument("--eval-examples", type=int, default=32, help="held-out examples per domain")
 parser.add_argument("--profile-examples", type=int, default=128, help="training rows routed for the profile")
-parser.add_argument("--json", default=None, help="also write the results here")
+parser.add_argument("--json", default=None, help="also write the results here (updated after every adapter)")
+parser.add_argument("--table-from", default=None, help="print the table of these JSON result files (comma-separated) "
+                    "and exit, e.g. of runs for different bases made in parallel")
 args = parser.parse_args()
 
 import studio  # noqa: E402,F401  (filters known-harmless library chatter before the heavy imports)
@@ -166,10 +168,15 @@ def run_base(base_ref: str) -> list[dict]:
                    "others_delta": statistics.mean(after[d] - base_loss[d] for d in others) if others else None,
                    "file_bytes": file_bytes, "nonzero_bytes": compact}
             rows.append(row)
+            if args.json:  # after every adapter, so an interrupted run keeps what it measured
+                Path(args.json).write_text(json.dumps(DONE + rows, indent=2))
             print(f"[{label}] {domain:<9} {sel.spec:<18} own {row['own_after']:.4f} ({row['own_after'] - row['own_before']:+.4f})"
                   f"  others {row['others_delta'] if row['others_delta'] is not None else float('nan'):+.4f}"
                   f"  trainable {row['trainable']:,}  step {row['step_ms']:.0f} ms", flush=True)
     return rows
+
+
+DONE: list[dict] = []  # rows of the bases already finished
 
 
 def table(rows: list[dict]) -> str:
@@ -185,10 +192,13 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.table_from:
+        print(table([r for f in args.table_from.split(",") for r in json.loads(Path(f).read_text())]))
+        return 0
     rows = []
     for base in [b.strip() for b in args.bases.split(",") if b.strip()]:
         rows += run_base(base)
+        DONE[:] = rows
     print()
     print(table(rows))
     if args.json:
