@@ -179,6 +179,28 @@ def run_base(base_ref: str) -> list[dict]:
 DONE: list[dict] = []  # rows of the bases already finished
 
 
+def summary(rows: list[dict]) -> str:
+    """Per base and selection, averaged over the domains: own-domain loss gain as a share of `all`'s, forgetting,
+    trainable parameters and step time relative to `all`."""
+    lines = ["| base | selection | own Δ loss (mean) | share of all's gain | others Δ loss (mean) | trainable vs all | "
+             "step time vs all |", "|" + "---|" * 7]
+    for base in dict.fromkeys(r["base"] for r in rows):
+        mine = [r for r in rows if r["base"] == base]
+        ref = {r["domain"]: r for r in mine if r["selection"] == "all"}
+        for sel in dict.fromkeys(r["selection"] for r in mine):
+            group = [r for r in mine if r["selection"] == sel and r["domain"] in ref]
+            if not group:
+                continue
+            own = statistics.mean(r["own_after"] - r["own_before"] for r in group)
+            own_all = statistics.mean(ref[r["domain"]]["own_after"] - ref[r["domain"]]["own_before"] for r in group)
+            others = [r["others_delta"] for r in group if r["others_delta"] is not None]
+            trainable = statistics.mean(r["trainable"] / ref[r["domain"]]["trainable"] for r in group)
+            step = statistics.mean(r["step_ms"] / ref[r["domain"]]["step_ms"] for r in group)
+            lines.append(f"| {base} | {sel} | {own:+.4f} | {own / own_all:.0%} | "
+                         f"{statistics.mean(others) if others else float('nan'):+.4f} | {trainable:.1%} | {step:.2f}x |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = ("| base | domain | selection | experts trained | trainable params | step ms | own loss (Δ vs base) | "
             "others Δ loss | adapter file KiB | non-zero KiB |")
@@ -193,7 +215,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     if args.table_from:
-        print(table([r for f in args.table_from.split(",") for r in json.loads(Path(f).read_text())]))
+        rows = [r for f in args.table_from.split(",") for r in json.loads(Path(f).read_text())]
+        print(table(rows))
+        print()
+        print(summary(rows))
         return 0
     rows = []
     for base in [b.strip() for b in args.bases.split(",") if b.strip()]:
@@ -201,6 +226,8 @@ def main() -> int:
         DONE[:] = rows
     print()
     print(table(rows))
+    print()
+    print(summary(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
