@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "finetune": ("studio.finetune", "train a LoRA adapter on a (quantized) MoE base"),
     "registry": ("studio.registry.cli", "versioned adapter registry: list, show, promote, push, pull"),
     "serve": ("studio.server", "OpenAI-compatible server with per-request adapter hot-swap"),
+    "experts": ("studio.experts.cli", "profile which experts a dataset routes to; preview expert selections"),
     "eval": ("studio.eval", "compare the base and adapters on held-out domain data"),
     "export": ("studio.export", "write a registered adapter as PEFT files, per-expert LoRA or a merged checkpoint"),
     "ui": ("studio.ui.app", "launch the Gradio studio"),

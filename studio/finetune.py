@@ -82,6 +82,9 @@ def build_config(recipe: str | None, overrides: dict) -> TrainConfig:
     except TypeError as exc:
         raise StudioError(f"invalid training configuration: {exc}") from exc
     cfg.lora_settings()  # validates r, alpha, dropout early
+    from studio.experts.selection import parse_selection
+
+    parse_selection(cfg.expert_selection)  # and the expert selection's form
     return cfg
 
 
@@ -131,6 +134,10 @@ def dry_run(cfg: TrainConfig, device_memory: str | None = None, num_devices: int
     print(count_parameters(meta_parts(cfg.base)[0]).format_report())  # total and active-per-token parameters
     print()
     print(plan.format())
+    if cfg.expert_selection != "all":
+        print(f"--expert-selection {cfg.expert_selection}: the experts are chosen from a routing profile of the "
+              "training split when training starts (`studio experts profile` shows them now); the count above is for "
+              "LoRA on every expert")
     print()
     print(format_comparison(estimates))
     line = min_devices_line(meta_parts(cfg.base)[0], estimates, double_quant=cfg.double_quant)

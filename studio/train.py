@@ -41,6 +41,12 @@ class TrainConfig:
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha/sqrt(r)"})
     train_router: bool = field(default=False, metadata={"help": "also train the router (frozen by default)"})
+    expert_selection: str = field(default="all", metadata={
+        "help": "routed experts that get LoRA, per MoE layer, from a routing profile of the training split: all | "
+                "token:P (ESFT-Token: smallest set reaching token share P) | gate:P (ESFT-Gate: the same over mean "
+                "gate score) | top:K (K most-routed) | random:<spec> (random, as many as <spec>)"})
+    expert_profile_examples: int = field(default=0, metadata={
+        "help": "training rows routed to build the expert profile (0: all; cached by base + dataset)"})
     # optimisation
     learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
     epochs: float = field(default=1.0, metadata={"help": "epochs (ignored when max_steps > 0)"})
@@ -131,7 +137,7 @@ def _build_trainer_class():
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             from safetensors.torch import load_file
 
-            from studio.adapters import adapter_parameters, load_into, router_parameters
+            from studio.adapters import adapter_parameters, copy_adapter_weights, router_parameters
 
             weights = load_file(os.path.join(resume_from_checkpoint, "adapter_model.safetensors"))
             live = adapter_parameters(model or self.model, "default")
@@ -140,7 +146,9 @@ def _build_trainer_class():
             if missing:
                 raise ModelError(f"checkpoint {resume_from_checkpoint} lacks {len(missing)} adapter tensors "
                                  f"(e.g. {missing[0]}): was it made with another plan?")
-            load_into(live, weights)  # under FSDP2 each rank keeps its shard
+            # PEFT layout on disk; expert-selective factors are compacted to their slots; under FSDP2 each rank
+            # keeps its shard
+            copy_adapter_weights(model or self.model, "default", live, weights, resume_from_checkpoint)
 
     return StudioSFTTrainer
 
@@ -376,11 +384,34 @@ def prepare(cfg: TrainConfig, log=print):
     from studio.models.memory import count_parameters
 
     # the base's unquantized count, the same definition as the dry run and the web UI (see trainable_line)
+    selection = select_for_training(cfg, loaded, dataset, log)
     plan = build_plan(loaded.model, loaded.arch, loaded.components, cfg.targets, settings,
-                      total_params=count_parameters(loaded.model.config).total)
+                      total_params=count_parameters(loaded.model.config).total,
+                      expert_ids=selection["experts"] if selection else None,
+                      expert_selection=selection["plan"] if selection else None)
     log(plan.format())
     return dict(dataset=dataset, domain=domain, loaded=loaded, plan=plan, train_rows=train_rows,
-                eval_rows=eval_rows, dropped={"train": dropped_train, "eval": dropped_eval})
+                eval_rows=eval_rows, dropped={"train": dropped_train, "eval": dropped_eval}, selection=selection)
+
+
+def select_for_training(cfg: TrainConfig, loaded, dataset, log=print) -> dict | None:
+    """`--expert-selection`: the routing profile of the training split (cached) and the experts chosen from it;
+    None for `all`. Returns {"experts": {layer: ids}, "plan": what the plan records, "metadata": the
+    studio_adapter.json record (spec, experts, profile summary, token shares and mean gates)}."""
+    from studio.experts.profile import profile_experts
+    from studio.experts.selection import parse_selection, select_experts
+
+    sel = parse_selection(cfg.expert_selection)
+    if sel.is_all:
+        return None
+    profile = profile_experts(cfg.base, dataset.ref, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                              max_examples=cfg.expert_profile_examples, loaded=loaded, log=log)
+    experts = select_experts(profile, sel, seed=cfg.seed)
+    num_experts = {p: profile.num_experts for p in profile.layers}
+    plan = {"spec": sel.spec, "seed": cfg.seed, "num_experts": num_experts, "profile": profile.summary()}
+    meta = dict(plan, experts=experts, token_share=profile.token_share(), mean_gate=profile.mean_gate(),
+                layers=profile.layers)
+    return {"experts": experts, "plan": plan, "metadata": meta}
 
 
 def is_main_process() -> bool:
@@ -526,6 +557,7 @@ def run_training(cfg: TrainConfig, log=print, on_event=None) -> TrainResult:
         "dataset": {"ref": dataset.ref, "name": dataset.name, "version": dataset.number, "hash": dataset.hash,
                     "dropped": p["dropped"]},
         "hyperparameters": asdict(cfg),
+        "expert_selection": (p["selection"] or {}).get("metadata"),
         "metrics": metrics,
         "library_versions": library_versions(),
         "cancelled": cancelled,

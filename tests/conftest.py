@@ -20,6 +20,7 @@ def _model_cache(tmp_path_factory):
 def _isolated_roots(tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_DATASETS_ROOT", str(tmp_path / "datasets_root"))
     monkeypatch.setenv("STUDIO_ADAPTERS_ROOT", str(tmp_path / "adapters_root"))
+    monkeypatch.setenv("STUDIO_PROFILES_CACHE", str(tmp_path / "expert_profiles"))
     yield
 
 

@@ -79,7 +79,8 @@ def plot_cross_domain(report):
 
 
 def plot_expert_usage(report, domain: str | None = None):
-    """One heatmap per model: MoE layers (rows) x experts (columns), share of the layer's routed token-slots."""
+    """One heatmap per model: MoE layers (rows) x experts (columns), share of the layer's routed token-slots.
+    An expert-selective adapter's trained experts are outlined in red on its heatmap."""
     domain = domain or report.dataset
     stats = [(m, report.routing[m][domain]) for m in report.model_names
              if domain in report.routing.get(m, {})]
@@ -95,9 +96,12 @@ def plot_expert_usage(report, domain: str | None = None):
         shares.append(c / np.maximum(c.sum(axis=1, keepdims=True), 1))
     vmax = max(float(a.max()) for a in shares) or 1.0
     im = None
+    selected = {m.name: m.selected_experts for m in report.models if getattr(m, "selected_experts", None)}
     for ax, (model, s), share in zip(axes, stats, shares):
         im = ax.imshow(share, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
-        ax.set_title(model, fontsize=9)
+        ax.set_title(model + (" (trained experts outlined)" if model in selected else ""), fontsize=9)
+        if model in selected:
+            _outline(ax, s.layers, selected[model])
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(s.layer_numbers)), [str(n) for n in s.layer_numbers])
         if num_experts <= 32:
@@ -108,6 +112,15 @@ def plot_expert_usage(report, domain: str | None = None):
                  f"(share of routed token-slots per layer)", fontsize=10)
     fig.colorbar(im, ax=list(axes), label="share", fraction=0.03, pad=0.01)
     return fig
+
+
+def _outline(ax, layers: list[str], selected: dict[str, list[int]]) -> None:
+    """Red boxes on the cells (layer row, expert column) of the selected experts."""
+    from matplotlib.patches import Rectangle
+
+    for row, path in enumerate(layers):
+        for e in selected.get(path, ()):
+            ax.add_patch(Rectangle((e - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
 
 
 def plot_routing_drift(report, domain: str | None = None):

@@ -25,6 +25,7 @@ class ModelInfo:
     domain: str | None = None      # the adapter's registry domain
     sha: str | None = None         # registry manifest sha
     trained_on: str | None = None  # dataset ref recorded by the trainer
+    selected_experts: dict[str, list[int]] | None = None  # expert-selective adapters: layer path -> trained experts
 
 
 @dataclass

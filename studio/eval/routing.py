@@ -84,6 +84,7 @@ def experts_modules(model) -> dict[str, object]:
 @dataclass
 class _Layer:
     counts: np.ndarray
+    gates: np.ndarray = None                   # per expert: summed routing weight of the recorded tokens
     sets: list = field(default_factory=list)   # sorted top-k index arrays of the recorded tokens, batch by batch
 
 
@@ -110,7 +111,8 @@ class RoutingRecorder:
         self.tokens = 0
         self._mask = None
         self._handles = []
-        self._layers = {p: _Layer(np.zeros(int(m.num_experts), dtype=np.int64)) for p, m in self.modules.items()}
+        self._layers = {p: _Layer(np.zeros(int(m.num_experts), dtype=np.int64), np.zeros(int(m.num_experts)))
+                        for p, m in self.modules.items()}
         self._seen: dict[str, int] = {}
 
     def __enter__(self):
@@ -150,6 +152,13 @@ class RoutingRecorder:
             # some families mark unused slots with index == num_experts (see StudioExperts.forward): not routed
             flat = flat[(flat >= 0) & (flat < num_experts)]
             layer.counts += np.bincount(flat, minlength=num_experts)[:num_experts]
+            weights = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+            if weights is not None and weights.numel() == index.numel():  # the routing weight of each chosen slot
+                w = weights.detach().reshape(index.shape[0], -1)[self._mask.to(index.device)].cpu().double()
+                idx = chosen.reshape(-1).numpy()
+                keep = (idx >= 0) & (idx < num_experts)
+                layer.gates += np.bincount(idx[keep], weights=w.reshape(-1).numpy()[keep],
+                                           minlength=num_experts)[:num_experts]
             self._seen[path] = self._seen.get(path, 0) + chosen.shape[0]
             if self.keep_sets:
                 layer.sets.append(np.sort(chosen.numpy(), axis=1).astype(np.int16))
@@ -162,6 +171,10 @@ class RoutingRecorder:
                                    "select() or with a different mask")
         return RoutingStats(layers=list(self._layers), counts=[ly.counts.tolist() for ly in self._layers.values()],
                             tokens=self.tokens, top_k=self.top_k or 0)
+
+    def gate_sums(self) -> list[list[float]]:
+        """[layer][expert]: the routing weights the recorded tokens gave each expert, summed (0 where not chosen)."""
+        return [ly.gates.tolist() for ly in self._layers.values()]
 
     def sets(self) -> dict[str, np.ndarray]:
         """{layer path: [tokens, k] sorted top-k sets} (needs keep_sets=True)."""

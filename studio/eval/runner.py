@@ -204,8 +204,9 @@ def _resolve_models(engine, names: list[str], notes: list[str]) -> list[ModelInf
             continue
         seen.add(version.ref)
         ds = version.metadata.get("dataset") if isinstance(version.metadata.get("dataset"), dict) else {}
+        plan = version.metadata.get("plan") if isinstance(version.metadata.get("plan"), dict) else {}
         infos.append(ModelInfo(name=version.ref, ref=version.ref, domain=version.domain, sha=version.sha,
-                               trained_on=ds.get("ref")))
+                               trained_on=ds.get("ref"), selected_experts=plan.get("expert_ids") or None))
     return infos
 
 

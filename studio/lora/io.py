@@ -69,7 +69,8 @@ def apply_plan(model: nn.Module, plan: LoraPlan, adapter: str = "default", train
         experts = model.get_submodule(path)
         if not isinstance(experts, StudioExperts):
             raise ModelError(f"{path} is not a studio experts module; load the base with studio.models.load_base")
-        experts.add_adapter(adapter, s.r, s.alpha, s.dropout, tuple(params), s.use_rslora)
+        experts.add_adapter(adapter, s.r, s.alpha, s.dropout, tuple(params), s.use_rslora,
+                            experts=plan.expert_ids.get(path))
     for p in model.parameters():
         p.requires_grad_(False)
     for p in adapter_parameters(model, adapter).values():
@@ -81,12 +82,21 @@ def apply_plan(model: nn.Module, plan: LoraPlan, adapter: str = "default", train
 
 
 def adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
-    """PEFT-format key -> live parameter, for one adapter."""
+    """PEFT-format key -> live parameter, for one adapter. An expert-selective adapter's expert parameters hold
+    only the selected experts' slots (`adapter_state` gives PEFT's full layout)."""
     out: dict[str, nn.Parameter] = {}
     for name, module in _lora_layers(model):
         if adapter in module.lora_A:
             out[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A[adapter].weight
             out[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B[adapter].weight
+    for key, (lora, param, kind) in _expert_entries(model, adapter).items():
+        out[key] = (lora.lora_A if kind == "A" else lora.lora_B)[param]
+    return out
+
+
+def _expert_entries(model: nn.Module, adapter: str) -> dict[str, tuple]:
+    """PEFT-format key -> (ExpertLora, fused parameter name, "A" | "B") for one adapter's routed-expert factors."""
+    out = {}
     for name, module in model.named_modules():
         if isinstance(module, StudioExperts) and adapter in module.adapters:
             lora = module.adapters[adapter]
@@ -94,9 +104,38 @@ def adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter
             # PEFT nests one ParamWrapper per targeted parameter, the first registered innermost.
             for i, param in enumerate(targeted):
                 key = f"{PREFIX}{name}" + ".base_layer" * (len(targeted) - 1 - i)
-                out[f"{key}.lora_A.weight"] = lora.lora_A[param]
-                out[f"{key}.lora_B.weight"] = lora.lora_B[param]
+                out[f"{key}.lora_A.weight"] = (lora, param, "A")
+                out[f"{key}.lora_B.weight"] = (lora, param, "B")
     return out
+
+
+def copy_adapter_weights(model: nn.Module, adapter: str, live: dict[str, torch.Tensor],
+                         weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy PEFT-layout `weights` into the live parameters `live` (shapes checked; expert-selective factors
+    compacted, refusing non-zero factors for unselected experts)."""
+    entries = _expert_entries(model, adapter)
+    with torch.no_grad():
+        for key, param in live.items():
+            w = weights[key]
+            if key in entries:
+                lora, _, kind = entries[key]
+                full_shape = tuple(lora.expand(kind, param.detach()).shape)
+                if tuple(w.shape) != full_shape:
+                    raise ModelError(f"adapter tensor {key} has shape {tuple(w.shape)}, this base expects "
+                                     f"{full_shape}: trained on another base?")
+                try:
+                    w = lora.compact(kind, w, key)
+                except ValueError as exc:
+                    raise ModelError(f"{source}: {exc}") from None
+            elif tuple(w.shape) != tuple(param.shape):
+                raise ModelError(f"adapter tensor {key} has shape {tuple(w.shape)}, this base expects "
+                                 f"{tuple(param.shape)}: trained on another base?")
+            w = w.to(param.dtype)
+            if hasattr(param, "device_mesh"):  # an FSDP2 shard: every rank read the same file, no communication
+                from torch.distributed.tensor import distribute_tensor
+
+                w = distribute_tensor(w.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(w)
 
 
 def router_parameters(model: nn.Module, plan: LoraPlan) -> dict[str, torch.Tensor]:
@@ -111,24 +150,18 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def adapter_state(model: nn.Module, plan: LoraPlan, adapter: str = "default") -> dict[str, torch.Tensor]:
     """PEFT-format key -> the adapter's full tensors on the CPU (LoRA factors in float32, trained router weights
-    as stored). Under FSDP2 every rank must call this (the shards are all-gathered)."""
-    state = {k: _full(v.detach()).to("cpu", torch.float32).contiguous()
-             for k, v in adapter_parameters(model, adapter).items()}
+    as stored). Expert-selective factors are expanded to all experts, zeros for the unselected ones, so plain PEFT
+    loads the file. Under FSDP2 every rank must call this (the shards are all-gathered)."""
+    entries = _expert_entries(model, adapter)
+    state = {}
+    for key, p in adapter_parameters(model, adapter).items():
+        t = _full(p.detach())
+        if key in entries:
+            lora, _, kind = entries[key]
+            t = lora.expand(kind, t)
+        state[key] = t.to("cpu", torch.float32).contiguous()
     state.update({k: _full(v.detach()).to("cpu").contiguous() for k, v in router_parameters(model, plan).items()})
     return state
-
-
-def load_into(live: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
-    """Copy full tensors into live parameters; a sharded (FSDP2 DTensor) parameter takes its own shard of it
-    (every rank read the same file, so no communication is needed)."""
-    with torch.no_grad():
-        for k, p in live.items():
-            w = weights[k].to(p.dtype)
-            if hasattr(p, "device_mesh"):
-                from torch.distributed.tensor import distribute_tensor
-
-                w = distribute_tensor(w.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-            p.copy_(w)
 
 
 def set_active_adapter(model: nn.Module, adapter: str | None) -> None:
@@ -230,8 +263,12 @@ def plan_from_config(model: nn.Module, adapter_dir: str | os.PathLike) -> LoraPl
     for m, params in experts.items():
         order = model.get_submodule(m).weight_names
         experts[m] = [p for p in order if p in params]
+    # an expert-selective adapter (studio/experts/) records its per-layer expert ids in the plan
+    recorded_ids = meta.get("plan", {}).get("expert_ids") or {}
+    expert_ids = {m: [int(i) for i in recorded_ids[m]] for m in experts if m in recorded_ids}
     return LoraPlan(targets=["from-adapter"], settings=settings, linear_targets=sorted(set(linear)),
-                    expert_targets=dict(sorted(experts.items())),
+                    expert_targets=dict(sorted(experts.items())), expert_ids=expert_ids,
+                    expert_selection=meta.get("plan", {}).get("expert_selection"),
                     router_targets=list(cfg.get("modules_to_save") or []))
 
 
@@ -250,13 +287,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter: str,
         delete_adapter(model, adapter)
         raise ModelError(f"adapter {adapter_dir} does not fit this base: missing {missing[:3]} unexpected "
                          f"{unexpected[:3]} (was it trained on another base?)")
-    with torch.no_grad():
-        for key, param in live.items():
-            if tuple(weights[key].shape) != tuple(param.shape):
-                delete_adapter(model, adapter)
-                raise ModelError(f"adapter tensor {key} has shape {tuple(weights[key].shape)}, this base expects "
-                                 f"{tuple(param.shape)}: trained on another base?")
-            param.copy_(weights[key].to(param.dtype))
+    try:
+        copy_adapter_weights(model, adapter, live, weights, str(adapter_dir))
+    except ModelError:
+        delete_adapter(model, adapter)
+        raise
     if not trainable:  # new LoRA modules start in training mode, where their dropout would act
         model.eval()
     return plan

@@ -60,6 +60,10 @@ class LoraPlan:
     router_targets: list[str] = field(default_factory=list)
     groups: list[PlanGroup] = field(default_factory=list)
     total_params: int = 0
+    # expert-specialised fine-tuning (studio/experts/): experts path -> the expert ids that get LoRA (a path not
+    # listed: every expert), and the selection that chose them (spec, profile key, ...)
+    expert_ids: dict[str, list[int]] = field(default_factory=dict)
+    expert_selection: dict | None = None
 
     @property
     def trainable_params(self) -> int:
@@ -82,6 +86,14 @@ class LoraPlan:
             leaves = sorted({n.split(".", 3)[-1] if g.group != "routed_experts" else n.rsplit(".", 2)[-2] + "."
                              + n.rsplit(".", 1)[-1] for n in g.names})
             lines.append(f"{g.group:<16}{g.count:>6}  {shape_txt:<28}{g.trainable:>12,}  {', '.join(leaves[:6])}")
+        if self.expert_ids:
+            from studio.experts.selection import format_selection
+
+            spec = (self.expert_selection or {}).get("spec", "explicit")
+            chosen = sum(len(v) for v in self.expert_ids.values())
+            lines.append(f"expert selection {spec}: LoRA on {chosen} experts in {len(self.expert_ids)} MoE layers "
+                         "(unselected experts: no factors, no gradients, no optimizer state)")
+            lines += format_selection(self.expert_ids, (self.expert_selection or {}).get("num_experts", {}))
         lines.append(trainable_line(self.trainable_params, self.total_params))
         return "\n".join(lines)
 
@@ -102,9 +114,11 @@ def _linear_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def build_plan(model: nn.Module, arch: MoEArch, comps: Components, targets: str | list[str] = "all",
-               settings: LoraSettings | None = None, total_params: int | None = None) -> LoraPlan:
+               settings: LoraSettings | None = None, total_params: int | None = None,
+               expert_ids: dict[str, list[int]] | None = None, expert_selection: dict | None = None) -> LoraPlan:
     """Resolve presets / explicit names to concrete targets. Explicit names may be group names, preset names,
-    leaf names (`q_proj`, `gate_up_proj`), or path suffixes (`shared_experts.down_proj`)."""
+    leaf names (`q_proj`, `gate_up_proj`), or path suffixes (`shared_experts.down_proj`). `expert_ids` restricts
+    routed-expert LoRA to those experts per layer (studio/experts/selection.py chooses them)."""
     settings = settings or LoraSettings()
     requested = [targets] if isinstance(targets, str) else list(targets)
     requested = [t.strip() for item in requested for t in item.split(",") if t.strip()]
@@ -152,6 +166,13 @@ def build_plan(model: nn.Module, arch: MoEArch, comps: Components, targets: str 
                     linear_targets=sorted(linear), expert_targets={k: sorted(set(v), key=v.index)
                                                                    for k, v in sorted(experts.items())},
                     total_params=total_params or sum(p.numel() for p in model.parameters()))
+    if expert_ids:
+        unknown = sorted(set(expert_ids) - set(plan.expert_targets))
+        if unknown:
+            raise PlanError(f"the expert selection names layers the plan does not adapt: {unknown[:3]}; target the "
+                            "routed experts (--targets experts or all) or use --expert-selection all")
+        plan.expert_ids = {k: sorted(int(i) for i in v) for k, v in sorted(expert_ids.items())}
+        plan.expert_selection = expert_selection
     if settings.train_router:
         plan.router_targets = [p for p in comps.routers if p.rsplit(".", 1)[-1] in
                                {r.rsplit(".", 1)[-1] for r in arch.routers}]
@@ -169,7 +190,7 @@ def build_plan(model: nn.Module, arch: MoEArch, comps: Components, targets: str 
                 e, fan_in, fan_out, _ = expert_param_layout(module, param)
                 names.append(f"{path}.{param}")
                 shapes.append([e, fan_out, fan_in])
-                trainable += r * e * (fan_in + fan_out)
+                trainable += r * len(plan.expert_ids.get(path, range(e))) * (fan_in + fan_out)
         plan.groups.insert(1 if plan.groups and plan.groups[0].group == "attention" else 0,
                            PlanGroup("routed_experts", names, shapes, trainable))
     if plan.router_targets:

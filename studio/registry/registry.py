@@ -66,6 +66,7 @@ class AdapterVersion:
         return {
             "base": m.get("base"), "quantization": m.get("quantization"), "plan": m.get("plan"),
             "dataset": m.get("dataset"), "hyperparameters": m.get("hyperparameters"),
+            "expert_selection": _selection_lineage(m.get("expert_selection")),
             "library_versions": m.get("library_versions"), "parent": self.parent, "created": self.created,
             "metrics": self.metrics, "tags": self.tags, "notes": self.notes,
         }
@@ -74,6 +75,14 @@ class AdapterVersion:
         d = asdict(self)
         d["size"] = self.size
         return d
+
+
+def _selection_lineage(sel: dict | None) -> dict | None:
+    """An expert-selective adapter's selection for lineage: spec, experts per layer and the profile it came from
+    (the per-expert shares stay in studio_adapter.json)."""
+    if not sel:
+        return None
+    return {k: sel.get(k) for k in ("spec", "seed", "experts", "profile")}
 
 
 class AdapterRegistry:

@@ -23,6 +23,7 @@ from studio.ui.common import (chat_preview, duration, fmt_number, frame, markdow
 UPLOAD, REGISTERED = "Upload a file", "Registered dataset"
 TARGET_PRESETS = ["attention,experts", "attention", "experts", "shared_experts", "all", "full"]
 QUANTS = ["4bit", "8bit", "none"]
+SELECTIONS = ["all", "token:0.2", "gate:0.1", "top:2", "random:token:0.2"]
 FILE_TYPES = [".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq", ".txt", ".md"]
 TOKEN_STATS_ROWS = 2000  # token statistics of an upload read at most this many rows (keeps big files quick)
 JOB_COLUMNS = ["job", "status", "dataset", "base", "steps", "adapter", "started", "duration", "note"]
@@ -158,6 +159,29 @@ def plan_estimate(ctx, base: str, quant: str, targets: str, r: float, alpha: flo
     return plan.format(), summary, pd.DataFrame(bars, columns=["setup", "part", "GiB"])
 
 
+@user_errors
+def profile_preview(ctx, source: str, dataset_ref: str | None, base: str, quant: str, seq_len: float,
+                    selection: str, seed: float):
+    """The routing profile of the picked dataset's training split on the base (cached by base fingerprint + dataset
+    hash, the one the trainer reads) and the experts `selection` would train. Returns (heatmap figure, markdown)."""
+    from studio.experts.profile import plot_profile, profile_experts
+    from studio.experts.selection import parse_selection, select_experts
+    from studio.models.loading import QuantSpec
+
+    sel = parse_selection(selection or "all")
+    if source == UPLOAD or not dataset_ref:
+        raise DatasetError("pick a registered dataset to profile (an uploaded file is registered when training "
+                           "starts; profile it afterwards from the Registered dataset list)")
+    prof = profile_experts(base, dataset_ref, "train", QuantSpec(quant), seq_len=int(seq_len), log=lambda *_: None)
+    chosen = None if sel.is_all else select_experts(prof, sel, seed=int(seed or 0))
+    total = prof.num_experts * len(prof.layers)
+    picked = sum(len(v) for v in chosen.values()) if chosen else total
+    text = (f"Routing of **{prof.dataset}** ({prof.examples} training examples, {prof.tokens:,} tokens) through "
+            f"{base}: **{sel.spec}** trains LoRA on **{picked} of {total}** routed experts"
+            + (" (outlined)." if chosen else ".") + (" From the cache." if prof.from_cache else ""))
+    return plot_profile(prof, chosen), text
+
+
 def _first_upper(text: str) -> str:
     return text[:1].upper() + text[1:]
 
@@ -169,7 +193,8 @@ def _first_upper(text: str) -> str:
 @user_errors
 def start_training(ctx, source: str, file: str | None, name: str, eval_ratio: float, dataset_ref: str | None,
                    base: str, quant: str, targets: str, r: float, alpha: float, learning_rate: float,
-                   steps: float, batch_size: float, seq_len: float, eval_steps: float, seed: float):
+                   steps: float, batch_size: float, seq_len: float, eval_steps: float, seed: float,
+                   expert_selection: str = "all"):
     """Register the uploaded file (or use the picked dataset), then queue a training job in a worker process.
     Returns (job id, status). Bad input raises before anything is registered or queued."""
     for label, value in (("steps", steps), ("batch size", batch_size), ("sequence length", seq_len),
@@ -179,8 +204,12 @@ def start_training(ctx, source: str, file: str | None, name: str, eval_ratio: fl
     cfg = TrainConfig(base=base, dataset="?", quant=quant, targets=targets, r=int(r), alpha=float(alpha),
                       learning_rate=float(learning_rate), max_steps=int(steps), batch_size=int(batch_size),
                       seq_len=int(seq_len), eval_steps=auto_eval_steps(eval_steps, steps), seed=int(seed or 0),
-                      save_steps=max(int(steps), 1), logging_steps=max(1, min(10, int(steps) // 20 or 1)))
+                      save_steps=max(int(steps), 1), logging_steps=max(1, min(10, int(steps) // 20 or 1)),
+                      expert_selection=(expert_selection or "all").strip())
+    from studio.experts.selection import parse_selection
     from studio.moe.plan import build_plan
+
+    parse_selection(cfg.expert_selection)  # a bad selection fails here, before registering
 
     # rank / alpha, an unknown or non-MoE base and targets that match nothing fail here, before registering
     from studio.finetune import meta_parts
@@ -354,6 +383,17 @@ def build(ctx) -> SimpleNamespace:
                         ui.eval_steps = gr.Number(0, label="Held-out eval every N steps (0: auto, 5 points)",
                                                   precision=0, minimum=0)
                         ui.seed = gr.Number(42, label="Seed", precision=0)
+                with gr.Accordion("Expert selection (ESFT): adapt only the experts the data routes to", open=False):
+                    with gr.Row():
+                        ui.expert_selection = gr.Dropdown(
+                            SELECTIONS, value="all", label="Experts that get LoRA", allow_custom_value=True, scale=3,
+                            elem_id="train-expert-selection",
+                            info="token:P / gate:P: the fewest experts reaching share P of the layer's tokens / "
+                                 "gate score; top:K; random:<spec> as a control")
+                        ui.profile_button = gr.Button("Profile the dataset", scale=1, elem_id="train-profile")
+                    ui.profile_text = gr.Markdown(elem_id="train-profile-text")
+                    ui.profile_plot = gr.Plot(label="Routing profile (token share, mean gate)",
+                                              elem_id="train-profile-plot")
                 ui.plan_summary = gr.Markdown(elem_id="train-plan-summary")
                 # no fixed height: Gradio clips the colour legend of a plot given one
                 ui.memory_plot = gr.BarPlot(x="setup", y="GiB", color="part",
@@ -428,7 +468,7 @@ def _wire(ctx, ui) -> None:
 
     monitor_outputs = [ui.bar, ui.job_facts, ui.loss_plot, ui.log, ui.result, ui.new_ref]
     start_inputs = [ui.source, ui.file, ui.name, ui.eval_ratio, ui.dataset, ui.base, ui.quant, ui.targets, ui.r,
-                    ui.alpha, ui.lr, ui.steps, ui.batch_size, ui.seq_len, ui.eval_steps, ui.seed]
+                    ui.alpha, ui.lr, ui.steps, ui.batch_size, ui.seq_len, ui.eval_steps, ui.seed, ui.expert_selection]
     # the new id goes through a hidden box, so a refused start marks only the status line, not the monitor
     started = ui.start.click(c(start_training, ctx), start_inputs, [ui.new_job, ui.start_status],
                              api_name="start_training", concurrency_limit=1)
@@ -436,6 +476,9 @@ def _wire(ctx, ui) -> None:
     started.success(c(_after_start, ctx), [ui.source, ui.new_job], [ui.data_info, ui.dataset],
                     api_visibility="private", show_progress="hidden")
     ui.cancel.click(c(cancel_job, ctx), ui.job_id, ui.start_status, api_name="cancel_job")
+    ui.profile_button.click(c(profile_preview, ctx),
+                            [ui.source, ui.dataset, ui.base, ui.quant, ui.seq_len, ui.expert_selection, ui.seed],
+                            [ui.profile_plot, ui.profile_text], api_name="profile_experts", concurrency_limit=1)
     # the job id drives the monitor: remember it in the browser, poll while it runs
     monitor_all = [*monitor_outputs, ui.timer, ui.to_compare, ui.to_registry, ui.start_status, ui.cancel,
                    ui.register_saved, ui.discard_saved]
