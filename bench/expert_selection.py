@@ -155,7 +155,7 @@ def run_base(base_ref: str) -> list[dict]:
             with tempfile.TemporaryDirectory() as tmp:
                 out = save_adapter(model, plan, Path(tmp) / "a", name, base_id=base_ref)
                 file_bytes = (out / "adapter_model.safetensors").stat().st_size
-                compact = nonzero_factor_bytes(adapter_state(model, name))
+                compact = nonzero_factor_bytes(adapter_state(model, plan, name))
             opt_state = sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
             delete_adapter(model, name)
             set_active_adapter(model, None)
