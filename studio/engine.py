@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 from contextlib import contextmanager
