@@ -384,9 +384,16 @@ def test_engine_serves_selective_adapters_in_mixed_batches_and_eval_outlines_the
         assert [m.token_ids for m in mixed] == [s.token_ids for s in singles]
         bare = engine.generate(prompts[0], adapters=None, params=params)[0]
         assert mixed[0].token_ids != bare.token_ids  # the selective adapter changes the output
-        experts = [m for m in engine.base.model.modules() if isinstance(m, StudioExperts)]
-        resident = [a for m in experts for a in m.adapters.values() if a.selective]
-        assert len(resident) == len(experts) and all(r.num_slots == 2 for r in resident)  # only the selected slots
+        # served through the engine's LoRA slots: the selective adapter's slot holds exactly zero factors for
+        # every unselected expert and non-zero ones for the selected
+        selected = json.loads((registry.path("law@v1") / "studio_adapter.json").read_text())["plan"]["expert_ids"]
+        slot = engine.residency.entries["law@v1"].slot
+        for path, ids in selected.items():
+            module = engine.base.model.get_submodule(path)
+            assert isinstance(module, StudioExperts) and not module.adapters  # no training-side copies
+            for name, a in module.lora_slots.lora_A.items():
+                norms = a[slot].flatten(1).norm(dim=1)
+                assert all(norms[e] > 0 for e in ids) and all(norms[e] == 0 for e in range(len(norms)) if e not in ids)
         report = evaluate(engine, models=["law", "medicine"], dataset=_rows_file(tmp_path / "d.jsonl"),
                           domains="none", max_eval_examples=4, gen_prompts=0, seq_len=64, record=False)
     info = {m.name: m.selected_experts for m in report.models}
