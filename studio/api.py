@@ -326,13 +326,14 @@ class TrainingPlan:
         return self.to_markdown()
 
 
-def plan(recipe: str | os.PathLike | None = None, *, device_memory: str | int | None = None,
+def plan(recipe: str | os.PathLike | None = None, *, device_memory: str | int | None = None, num_devices: int = 1,
          **options: Any) -> TrainingPlan:
     """The LoRA plan and training-memory estimate of a run, without loading weights: `studio finetune --dry-run`.
 
     Takes the same recipe and options as `studio.finetune` (base, quant, targets, r, seq_len, batch_size,
     grad_checkpointing, ... matter here). device_memory: the budget to check against, e.g. "80GiB" (default:
-    this machine's accelerator or RAM). Works offline for the embedded bases and the recipe bases, whose configs
+    this machine's accelerator or RAM). num_devices: estimate per device of that many under FSDP2 (`--num-devices`).
+    Works offline for the embedded bases and the recipe bases, whose configs
     ship with the studio.
 
     Options (as `studio finetune --help`):
@@ -342,7 +343,7 @@ def plan(recipe: str | os.PathLike | None = None, *, device_memory: str | int | 
     from studio.models.memory import parse_bytes
 
     budget = parse_bytes(device_memory) if device_memory is not None else None
-    lora, estimates = plan_and_estimate(cfg, device_memory)
+    lora, estimates = plan_and_estimate(cfg, device_memory, num_devices)
     return TrainingPlan(config=cfg, lora=lora, estimates=list(estimates), device_memory=budget)
 
 
@@ -358,7 +359,8 @@ for _fn, _lead, _trail, _ret in (
      [inspect.Parameter("recipe", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                         annotation=str | os.PathLike | None)],
      [inspect.Parameter("device_memory", inspect.Parameter.KEYWORD_ONLY, default=None,
-                        annotation=str | int | None)],
+                        annotation=str | int | None),
+      inspect.Parameter("num_devices", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=int)],
      TrainingPlan),
 ):
     # help() and notebooks' completion show every option with its default, not just **options

@@ -15,6 +15,7 @@ environment's installed distributions are unchanged afterwards.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import shutil
@@ -108,6 +109,14 @@ def _isolated_env(tmp: Path) -> tuple[Path, dict]:
         launcher = venv / "bin" / name
         launcher.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom pip._internal.cli.main import main\n"
                             "sys.exit(main())\n")
+        launcher.chmod(0o755)
+    # the dependencies come through the .pth, their console scripts do not: a user's `pip install -e .` would put
+    # `accelerate` (the multi-device section's launcher) in the venv's bin, so put it there the same way
+    for ep in importlib.metadata.entry_points(group="console_scripts", name="accelerate"):
+        module, _, attr = ep.value.partition(":")
+        launcher = venv / "bin" / ep.name
+        launcher.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom {module} import {attr}\n"
+                            f"sys.exit({attr}())\n")
         launcher.chmod(0o755)
     ours = Path(sysconfig.get_paths()["scripts"])
     path = os.pathsep.join([str(venv / "bin")] + [p for p in os.environ["PATH"].split(os.pathsep)
