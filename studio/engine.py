@@ -70,6 +70,8 @@ class Engine:
         self.encoder = PromptEncoder(self.tokenizer, self.vocab_size, self.context_length, max_prompt_chars)
         self.eos_ids = self._eos_ids()
         self.model_lock = threading.RLock()          # held for every forward pass and every adapter load/evict
+        self._turn_waiters = 0                       # callers of _model_turn() waiting for model_lock
+        self._turn_count = threading.Lock()
         self.counters = collections.Counter()         # adapter_loads, adapter_evictions, adapter_switches, steps, ...
         self.listeners: list = []                     # callables(event: str, **info), e.g. the server's metrics
         self.residency = Residency(self.base, self.registry, max_resident, allow_base_mismatch, self._notify,
@@ -108,9 +110,26 @@ class Engine:
         version = self.resolve(ref)
         if version is None:
             return None
-        with self.model_lock:
+        with self._model_turn():
             self.residency.acquire(version)
         return version.ref
+
+    @contextmanager
+    def _model_turn(self):
+        """model_lock for work outside the scheduler (adapter load and evict, exclusive use). The scheduler takes the
+        lock once per decode step and, Python's locks being unfair, would win every re-acquire: a load or evict
+        would wait until every running generation ended. It steps aside while _turn_waiters > 0 (see _loop)."""
+        with self._turn_count:
+            self._turn_waiters += 1
+        try:
+            self.model_lock.acquire()
+        finally:
+            with self._turn_count:
+                self._turn_waiters -= 1
+        try:
+            yield
+        finally:
+            self.model_lock.release()
 
     def resident(self) -> list[str]:
         """The adapters loaded now, least recently used first."""
@@ -119,7 +138,7 @@ class Engine:
     def unload(self, ref: str) -> bool:
         """Evict an adapter now (refused while a request uses it)."""
         version = self.resolve(ref)
-        with self.model_lock:
+        with self._model_turn():
             entry = self.residency.entries.get(version.ref) if version else None
             if entry is None:
                 return False
@@ -131,7 +150,7 @@ class Engine:
         """Exclusive use of the model with `ref` active (None = bare base) for inputs of any shape; generation waits
         meanwhile."""
         version = self.resolve(ref)
-        with self.model_lock:
+        with self._model_turn():
             entry = self.residency.acquire(version) if version else None
             if entry:
                 entry.users += 1
@@ -318,6 +337,9 @@ class Engine:
                     if batch.rows:
                         batch.step()
                 self._running_count = len(batch.rows)
+                deadline = time.monotonic() + 0.05
+                while self._turn_waiters and time.monotonic() < deadline:  # let a load/evict/using() in between steps
+                    time.sleep(0.0005)
                 if not batch.rows:
                     with self._cv:  # every request held back (all resident adapters busy elsewhere): do not spin
                         if self._waiting:

@@ -154,7 +154,7 @@ def test_loading_and_evicting_another_adapter_does_not_disturb_a_running_stream(
     """The bug of one owner too many: Engine.load() used to switch the model's active adapter while a uniform batch of
     another adapter ran, whose next steps then got the new adapter's expert LoRA and both linear LoRAs. Now loading
     writes a free slot and evicting clears that slot only. Base with expert LoRA; greedy, so the text must match."""
-    params = SamplingParams(max_tokens=160, ignore_eos=True)
+    params = SamplingParams(max_tokens=320, ignore_eos=True)
     alone = engine.generate(PROMPTS[0], adapters="law", params=params)[0]
     engine.unload("medicine")  # so that the load below really loads (if an earlier test made it resident)
     stream = engine.stream(PROMPTS[0], adapter="law", params=params)
