@@ -119,7 +119,7 @@ def copy_adapter_weights(model: nn.Module, adapter: str, live: dict[str, torch.T
             w = weights[key]
             if key in entries:
                 lora, _, kind = entries[key]
-                full_shape = tuple(lora.expand(kind, param.detach()).shape)
+                full_shape = lora.full_shape(kind, param)
                 if tuple(w.shape) != full_shape:
                     raise ModelError(f"adapter tensor {key} has shape {tuple(w.shape)}, this base expects "
                                      f"{full_shape}: trained on another base?")

@@ -206,6 +206,11 @@ class ExpertLora(nn.Module):
         full[:, :, ids] = t.reshape(t.shape[0], r, s)
         return full.reshape(t.shape[0], r * e)
 
+    def full_shape(self, kind: str, t: torch.Tensor) -> tuple[int, int]:
+        """The shape `expand(kind, t)` returns, without building it."""
+        width = self.r * self.num_experts
+        return (width, t.shape[-1]) if kind == "A" else (t.shape[0], width)
+
     def compact(self, kind: str, full: torch.Tensor, key: str = "") -> torch.Tensor:
         """PEFT's full layout -> this adapter's slots (the inverse of `expand`). Non-zero factors for an unselected
         expert mean the file does not belong to this selection: that is an error, not a silent drop."""
