@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from studio.data.formats import inspect_file
 from studio.data.registry import DatasetRegistry, EvalOverlapWarning
 from studio.errors import DatasetError
+from test_datasets_registry import snapshot  # catalog rows + stored folders: what a refused input must leave as is
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,18 +28,6 @@ def reg(tmp_path, monkeypatch):
     for var in ("STUDIO_DATASET_MAX_BYTES", "STUDIO_DATASET_MAX_RECORD_BYTES"):
         monkeypatch.delenv(var, raising=False)
     return DatasetRegistry()
-
-
-def snapshot(reg: DatasetRegistry):
-    """Catalog rows and stored folders: what a refused input must leave unchanged."""
-    rows = []
-    if reg.catalog_path.exists():
-        con = sqlite3.connect(reg.catalog_path)
-        rows = con.execute("SELECT * FROM versions ORDER BY name, number").fetchall()
-        rows += con.execute("SELECT * FROM counters ORDER BY name").fetchall()
-        con.close()
-    stored = sorted(p.name for p in reg.store.iterdir()) if reg.store.exists() else []
-    return rows, stored
 
 
 def qa(path: Path, n: int = 6, tag: str = "") -> Path:
