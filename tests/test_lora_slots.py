@@ -118,3 +118,28 @@ def test_resident_memory_is_base_plus_one_set_of_slot_buffers(tmp_path):
         assert len(engine.resident()) == 8 and model_bytes() == base + slots.nbytes()
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+@pytest.mark.parametrize("grid", [True, False])
+def test_uniform_expert_lora_equals_the_per_row_reference(layout, grid, monkeypatch):
+    """One slot's expert LoRA on every row (the uniform batch's fast path: a grid over all experts, or the hit
+    experts' grouped products when routing is skewed) equals B_e (A_e x) computed row by row."""
+    from studio.lora import slots as slots_mod
+    from studio.moe.grouped import Routing
+
+    monkeypatch.setattr(slots_mod, "GRID_MACS_PER_GROUP", 2 ** 40 if grid else 0)
+    g = torch.Generator().manual_seed(0)
+    experts, top_k, tokens, fan_in, fan_out, r = 12, 3, 7, 10, 6, 4
+    top_k_index = torch.rand(tokens, experts, generator=g).topk(top_k, -1).indices
+    top_k_index[:3, 0] = 5  # skew: one expert gets more rows than the others
+    routing = Routing(top_k_index, experts, layout)
+    assert routing.groups < experts  # some experts are not hit: the grid's zero rows and the gather both matter
+    a, b = torch.randn(experts, r, fan_in, generator=g), torch.randn(experts, fan_out, r, generator=g)
+    rows = torch.randn(routing.rows, fan_in, generator=g)
+    x = routing.to_layout(rows)
+    y0 = torch.randn(routing.rows, fan_out, generator=g)
+    y = slots_mod._add_expert_lora(routing, x, routing.to_layout(y0.clone()), a, b)
+    expert_of_row = routing.hit[routing.group_of_row]
+    want = y0 + torch.stack([b[e] @ (a[e] @ rows[i]) for i, e in enumerate(expert_of_row.tolist())])
+    assert torch.allclose(routing.from_layout(y), want, atol=1e-5)

@@ -156,6 +156,38 @@ class SlotLinear(nn.Module):
         return f"slots={self.lora_A.shape[0]}, rank={self.lora_A.shape[1]}"
 
 
+# A uniform batch's expert LoRA runs on a zero-padded [experts, cap] grid of all experts while the grid's padding
+# costs fewer multiply-adds than this many per hit expert (about two small matmul calls' fixed cost on a CPU core,
+# what the grouped alternative pays per expert); with skewed routing (a long prefill) the grouped products win.
+GRID_MACS_PER_GROUP = 2 ** 18
+
+
+def _add_expert_lora(routing: Routing, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+                     ) -> torch.Tensor:
+    """y += (x A_e^T) B_e^T for every row of `routing`'s layout (x, y; in place, inference only), e the row's expert,
+    with one slot's factors over all experts: a [E, R, in], b [E, out, R].
+
+    Two batched matmuls over a grid of all experts use the slot buffers in place. The grouped alternative gathers
+    the hit experts' factors (most of the slot, copied for every projection) and on the CPU runs torch._grouped_mm
+    as a loop over the experts; at decode sizes (a few rows per expert) those cost more than the products did and
+    made a single-adapter batch at 64 experts top-8 slower than a mixed one. The grid's zero rows cost only
+    LoRA-rank flops."""
+    e, cap = a.shape[0], routing.cap
+    padding_macs = (e * cap - routing.rows) * (a.shape[-1] + b.shape[1]) * a.shape[1]
+    if padding_macs > GRID_MACS_PER_GROUP * routing.groups:  # skewed routing: the grid would be mostly padding
+        xa = routing.mm(x, routing.select(a).transpose(1, 2))
+        return y.add_(routing.mm(xa, routing.select(b).transpose(1, 2)))
+    if routing.layout == "padded":  # x [G, cap, in]: whole groups move into the grid
+        every = routing.groups == e
+        grid = x if every else x.new_zeros(e, cap, x.shape[-1]).index_copy_(0, routing.hit, x)
+        d = torch.bmm(torch.bmm(grid, a.transpose(1, 2)), b.transpose(1, 2))
+        return y.add_(d if every else d.index_select(0, routing.hit))
+    idx = routing.grid_index()  # jagged: x [rows, in], rows sorted by expert
+    grid = x.new_zeros(e * cap, x.shape[-1]).index_copy_(0, idx, x)
+    d = torch.bmm(torch.bmm(grid.view(e, cap, -1), a.transpose(1, 2)), b.transpose(1, 2))
+    return y.add_(d.view(e * cap, -1).index_select(0, idx))
+
+
 class ExpertSlots(nn.Module):
     """Slot buffers of one StudioExperts module, per targeted fused projection: A [S, E, R, in], B [S, E, out, R]
     (expert-major, scaled). Installed as `experts.lora_slots`; StudioExperts.forward hands over to `forward` when
@@ -232,13 +264,12 @@ class ExpertSlots(nn.Module):
     def _project(self, owner, name, x, routing: Routing, mixed) -> torch.Tensor:
         filled = self.filled.get(name)
         A, B = self.lora_A[name], self.lora_B[name]
-        if mixed is None:  # one slot on every row: the grouped path's fused base + LoRA products
+        y = GroupedExpertProjection.apply(x, owner, name, routing, ())
+        if mixed is None:  # one slot on every row
             s = self.batch.uniform
             if filled is None or not filled[s]:
-                return GroupedExpertProjection.apply(x, owner, name, routing, ())
-            a, b = routing.select(A[s]), routing.select(B[s])
-            return GroupedExpertProjection.apply(x, owner, name, routing, (1.0,), x, a, b)
-        y = GroupedExpertProjection.apply(x, owner, name, routing, ())
+                return y
+            return _add_expert_lora(routing, x, y, A[s].to(x.dtype), B[s].to(x.dtype))
         if filled is None or not any(filled):
             return y
         by_slot, position = mixed

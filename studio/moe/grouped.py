@@ -120,9 +120,24 @@ class Routing:
         self.group_of_row = torch.repeat_interleave(torch.arange(self.groups, device=device), counts_t)
         self.offs = ends.to(torch.int32)
         self.starts = [0] + ends.tolist()[:-1] if self.groups else []
+        self._first_row = ends - counts_t
+        self._grid_index = None
         if layout == "padded":
-            rank = torch.arange(self.rows, device=device) - (ends - counts_t)[self.group_of_row]
-            self.pad_index = self.group_of_row * self.cap + rank
+            self.pad_index = self.group_of_row * self.cap + self.rank_in_group()
+
+    def rank_in_group(self) -> torch.Tensor:
+        """[rows] each sorted row's position among its expert's rows."""
+        return torch.arange(self.rows, device=self.hit.device) - self._first_row[self.group_of_row]
+
+    def grid_index(self) -> torch.Tensor:
+        """[rows] each sorted row's place in a zero-padded [num_experts, cap] grid over ALL experts (the unhit ones
+        get zero rows), so that per-expert tensors [E, ...] are used in place, with no gather of the hit experts'."""
+        if self._grid_index is None:
+            if self.layout == "padded" and self.groups == self.num_experts:
+                self._grid_index = self.pad_index
+            else:
+                self._grid_index = self.hit[self.group_of_row] * self.cap + self.rank_in_group()
+        return self._grid_index
 
     # ---- moving rows in and out of the layout ----
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
