@@ -16,8 +16,10 @@ AND routed experts (random non-zero factors, rank 16; a trained adapter costs th
            server does). Target: reload / switch >= 100.
 * batches: decode throughput (generated tokens/s, fixed token counts, greedy) of B rows all on one adapter, of B
            rows spread over the three adapters and the bare base in one batch, and of B rows on the bare base
-           with no adapter active. Rounds are interleaved; the ratios use each kind's best round (the round least
-           disturbed by other work on a shared machine) and the medians are printed beside them. Targets:
+           with no adapter active. Rounds are interleaved round-robin (the order rotated every round); the ratios
+           use each kind's best round (the round least disturbed by other work on a shared machine), and the
+           medians and the median of each round's paired ratios are printed beside them, with the load average.
+           --profile adds torch.profiler's operators whose self time grows most over the base's. Targets:
            mixed / single >= 0.9; single / base >= 0.9 (adapter overhead at most 10%).
 * streams (--streams): a `studio serve` subprocess on the same base and adapters; N concurrent OpenAI streaming
            clients (the three adapters and the base in turn), decode tokens/s summed over the streams.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -70,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--streams", default="", help="comma-separated concurrent stream counts to measure through "
                    "`studio serve` (e.g. 1,8,32); empty: skip")
     p.add_argument("--stream-tokens", type=int, default=32, help="tokens generated per stream")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed rounds, profile one batch of each kind with torch.profiler and print the "
+                        "operators whose self time grows most over the bare base (where adapter overhead goes)")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -151,6 +157,50 @@ def stream_bench(args, device: str, base_ref: str, registry_root: Path, models: 
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def operator_profile(engine, prompts, kinds, params, top: int = 12) -> dict:
+    """Self CPU time per operator (ms) of one batch of each kind under torch.profiler: the prompts' prefill and
+    `params.max_tokens` greedy decode steps, run on this thread (the profiler sees only the thread that starts it,
+    not the engine's scheduler) with the engine's model and slots. Prints, for the adapter kinds, the operators
+    whose self time grew most over the bare base's: where the adapter overhead goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers.cache_utils import DynamicCache
+
+    model, slots = engine.model, engine.residency.slots
+    encoded = [engine.tokenizer(p).input_ids for p in prompts]
+    width = min(len(e) for e in encoded)  # cut to one length: no padding or attention mask needed
+    ids = torch.tensor([e[:width] for e in encoded], device=engine.device)
+    slot_of = {ref: engine.residency.entries[ref].slot for ref in engine.resident()}
+
+    def run(rows):
+        cache = DynamicCache(config=model.config)
+        step = ids
+        for _ in range(params.max_tokens):
+            with slots.rows(rows, device=engine.device):
+                out = model(input_ids=step, past_key_values=cache, use_cache=True)
+            cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    self_ms = {}
+    with engine.model_lock, torch.no_grad():
+        for kind, adapters in kinds.items():
+            rows = [None if a is None else slot_of[a] for a in adapters]
+            run(rows)  # warm
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(rows)
+            self_ms[kind] = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+    base = self_ms["base"]
+    for kind in kinds:
+        if kind == "base":
+            continue
+        total, total_base = sum(self_ms[kind].values()), sum(base.values())
+        grown = sorted(((v - base.get(k, 0.0), k) for k, v in self_ms[kind].items()), reverse=True)[:top]
+        print(f"\nprofile {kind}: self CPU {total:.0f} ms vs base {total_base:.0f} ms (+{total - total_base:.0f} ms, "
+              f"{(total - total_base) / total:.1%} of {kind}); operators that grew most:")
+        for d, k in grown:
+            print(f"  {k:<48} {self_ms[kind][k]:9.1f} ms  (base {base.get(k, 0.0):9.1f} ms, +{d:.1f})")
+    return self_ms
 
 
 def main(argv=None) -> int:
@@ -237,15 +287,23 @@ def main(argv=None) -> int:
     }
     engine.generate(prompts, adapters=kinds["mixed"], params=sp)  # warm-up
     rates = {k: [] for k in kinds}
-    for _ in range(args.rounds):
-        for kind, adapters in kinds.items():
+    order = list(kinds)
+    load_before = os.getloadavg()
+    for i in range(args.rounds):
+        # round-robin, the order rotated every round: a slow spell of other work on a shared machine falls on
+        # every kind in turn instead of always on the same one, and each round gives paired ratios
+        for kind in order[i % len(order):] + order[:i % len(order)]:
             sync()
             t0 = time.perf_counter()
-            out = engine.generate(prompts, adapters=adapters, params=sp)
+            out = engine.generate(prompts, adapters=kinds[kind], params=sp)
             sync()
             rates[kind].append(sum(c.completion_tokens for c in out) / (time.perf_counter() - t0))
+    load_after = os.getloadavg()
     tps = {k: max(v) for k, v in rates.items()}
     medians = {k: statistics.median(v) for k, v in rates.items()}
+    paired = {"single_over_base": statistics.median(s / b for s, b in zip(rates["single"], rates["base"])),
+              "mixed_over_single": statistics.median(m / s for m, s in zip(rates["mixed"], rates["single"]))}
+    profile = operator_profile(engine, prompts, kinds, sp) if args.profile else {}
     engine.close()
     streams = {}
     if args.streams:
@@ -264,7 +322,8 @@ def main(argv=None) -> int:
         "tokens_per_s": tps, "tokens_per_s_median": medians, "tokens_per_s_rounds": rates,
         "mixed_over_single": tps["mixed"] / tps["single"],
         "single_over_base": tps["single"] / tps["base"], "mixed_over_base": tps["mixed"] / tps["base"],
-        "streams": streams,
+        "paired_round_ratios": paired, "load_average_before": load_before, "load_average_after": load_after,
+        "streams": streams, "profile_self_ms": profile,
     }
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     print(f"\nbase parameters: {params / 1e6:.1f}M; batch {args.batch_size} rows x {args.new_tokens} new tokens")
@@ -283,7 +342,10 @@ def main(argv=None) -> int:
           f"{met(results['single_over_base'] >= OVERHEAD_TARGET)})")
     print(f"mixed / bare base:              {results['mixed_over_base']:9.2f}x")
     print(f"(medians: mixed / single {medians['mixed'] / medians['single']:.2f}x, single / base "
-          f"{medians['single'] / medians['base']:.2f}x)")
+          f"{medians['single'] / medians['base']:.2f}x; median of the rounds' paired ratios: mixed / single "
+          f"{paired['mixed_over_single']:.2f}x, single / base {paired['single_over_base']:.2f}x)")
+    print(f"load average (1, 5, 15 min) before the rounds {', '.join(f'{x:.2f}' for x in load_before)}, after "
+          f"{', '.join(f'{x:.2f}' for x in load_after)} on {os.cpu_count()} CPUs")
     for n, v in streams.items():
         print(f"studio serve, {n:>3} concurrent streams: {v['tokens_per_s']:9.1f} decode tokens/s "
               f"({v['tokens']} tokens in {v['seconds']:.1f} s)")

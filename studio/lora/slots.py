@@ -51,6 +51,7 @@ class LoraBatch:
         self.uniform: int | None = None
         self.rows = 0
         self.row_slot: torch.Tensor | None = None  # [rows] long on the device, mixed batches only
+        self.slot_range = (0, max_slots - 1)       # lowest and highest slot a mixed batch uses
         self._tokens: dict = {}    # tokens -> token_slot [tokens]
         self._routing: dict = {}   # (tokens, device, dtype) -> Routing of the tokens by slot (the linears' segments)
 
@@ -67,6 +68,8 @@ class LoraBatch:
             return
         self.uniform = None
         self.rows = len(row_slots)
+        used = [s for s in row_slots if s is not None]
+        self.slot_range = (min(used), max(used))  # the slots' buffers lo..hi are one view of every layer's
         self.row_slot = torch.tensor([-1 if s is None else s for s in row_slots], dtype=torch.long,
                                      device=device or "cpu")
 
@@ -80,6 +83,17 @@ class LoraBatch:
             if tokens % self.rows:
                 raise RuntimeError(f"a LoRA layer got {tokens} tokens, not a multiple of the batch's {self.rows} rows")
             hit = self._tokens[tokens] = self.row_slot.repeat_interleave(tokens // self.rows)
+        return hit
+
+    def slot_mask(self, tokens: int, rank: int, device, dtype) -> torch.Tensor:
+        """[tokens, n * rank] 1 where a column (slot lo + c // rank) is the token's slot, for the slots lo..hi of
+        `slot_range` (built once per forward and length; every linear reuses it)."""
+        key = ("mask", tokens, rank, device, dtype)
+        hit = self._routing.get(key)
+        if hit is None:
+            lo, hi = self.slot_range
+            columns = torch.arange(lo, hi + 1, device=device).repeat_interleave(rank)
+            hit = self._routing[key] = (self.token_slot(tokens).to(device)[:, None] == columns).to(dtype)
         return hit
 
     def linear_routing(self, tokens: int, device, dtype) -> Routing:
@@ -100,6 +114,11 @@ def _grow(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
+# A mixed batch's linear LoRA runs every token through all the batch's slots (masked) while that costs at most this
+# many multiply-adds (decode steps); beyond it (long prefills) the tokens are sorted by slot for grouped products.
+DENSE_MIXED_MACS = 2 ** 22
+
+
 class SlotLinear(nn.Module):
     """A base linear (nn.Linear, bitsandbytes Linear4bit/8bit) plus slot LoRA: y = base(x) + B[s] (A[s] x)."""
 
@@ -110,13 +129,14 @@ class SlotLinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         device = next(base_layer.parameters()).device
         self.register_buffer("lora_A", torch.zeros(max_slots, rank, self.in_features, dtype=dtype, device=device))
-        self.register_buffer("lora_B", torch.zeros(max_slots, self.out_features, rank, dtype=dtype, device=device))
+        # B stored transposed, [S, R, out]: the slots lo..hi of a mixed batch are then one [n * R, out] view
+        self.register_buffer("lora_B", torch.zeros(max_slots, rank, self.out_features, dtype=dtype, device=device))
         self.filled = [False] * max_slots  # slots whose adapter targets this layer
 
     def grow(self, rank: int) -> None:
         s, _, i = self.lora_A.shape
         self.lora_A = _grow(self.lora_A, (s, rank, i))
-        self.lora_B = _grow(self.lora_B, (s, self.out_features, rank))
+        self.lora_B = _grow(self.lora_B, (s, rank, self.out_features))
 
     def write(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """a [r, in], b [out, r] already scaled."""
@@ -124,7 +144,7 @@ class SlotLinear(nn.Module):
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.lora_A[slot, :r] = a.to(self.lora_A.dtype)
-        self.lora_B[slot, :, :r] = b.to(self.lora_B.dtype)
+        self.lora_B[slot, :r] = b.t().to(self.lora_B.dtype)
         self.filled[slot] = True
 
     def clear(self, slot: int) -> None:
@@ -141,13 +161,21 @@ class SlotLinear(nn.Module):
             s = batch.uniform
             if not self.filled[s]:
                 return y
-            return y + F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A[s]), self.lora_B[s]).to(y.dtype)
+            return y + (F.linear(x.to(self.lora_A.dtype), self.lora_A[s]) @ self.lora_B[s]).to(y.dtype)
         flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
+        lo, hi = batch.slot_range
+        n, rank = hi - lo + 1, self.lora_A.shape[1]
+        if flat.shape[0] * n * rank * (self.in_features + self.out_features) <= DENSE_MIXED_MACS:
+            # few tokens (decode): every token through the used slots' factors as one [n * R] rank, the columns of
+            # the other slots zeroed by the batch's mask; two plain matmuls on views of the buffers, no sort
+            xa = F.linear(flat, self.lora_A[lo:hi + 1].reshape(n * rank, -1))
+            xa.mul_(batch.slot_mask(flat.shape[0], rank, flat.device, flat.dtype))
+            return y + (xa @ self.lora_B[lo:hi + 1].reshape(n * rank, -1)).view(*y.shape[:-1], -1).to(y.dtype)
         routing = batch.linear_routing(flat.shape[0], flat.device, flat.dtype)
         if routing.groups == 0:
             return y
         h = routing.mm(routing.gather_tokens(flat), routing.select(self.lora_A).transpose(1, 2))
-        d = routing.from_layout(routing.mm(h, routing.select(self.lora_B).transpose(1, 2)))
+        d = routing.from_layout(routing.mm(h, routing.select(self.lora_B)))
         out = y.reshape(-1, y.shape[-1])  # the base's fresh output, added to in place (inference only)
         out.index_add_(0, routing.slot, d.to(out.dtype))
         return out.view_as(y)
@@ -156,36 +184,38 @@ class SlotLinear(nn.Module):
         return f"slots={self.lora_A.shape[0]}, rank={self.lora_A.shape[1]}"
 
 
-# A uniform batch's expert LoRA runs on a zero-padded [experts, cap] grid of all experts while the grid's padding
-# costs fewer multiply-adds than this many per hit expert (about two small matmul calls' fixed cost on a CPU core,
-# what the grouped alternative pays per expert); with skewed routing (a long prefill) the grouped products win.
-GRID_MACS_PER_GROUP = 2 ** 18
+# Expert LoRA runs on a zero-padded [groups, cap] grid of all groups (experts, or (slot, expert) pairs) while the
+# grid's padding costs fewer multiply-adds than this many per hit group, about the fixed cost of the small matmul
+# calls the grouped alternative makes per group on a CPU core (measured at 64 experts top-8, 2026-12: a larger
+# value made mixed batches, whose grid spans several slots, 10-15% slower per MoE layer). With skewed routing (a
+# long prefill) or a grid spanning many slots, the grouped products on the hit groups run instead.
+GRID_MACS_PER_GROUP = 2 ** 16
 
 
-def _add_expert_lora(routing: Routing, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor
-                     ) -> torch.Tensor:
-    """y += (x A_e^T) B_e^T for every row of `routing`'s layout (x, y; in place, inference only), e the row's expert,
-    with one slot's factors over all experts: a [E, R, in], b [E, out, R].
+def _expert_lora(routing: Routing, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(x A_g^T) B_g^T for every row of `routing`'s layout x, g the row's group (its expert, or its (slot, expert)
+    pair in a mixed batch), in the same layout (inference only); a [groups, R, in], b [groups, out, R] hold the
+    factors of every group `routing` can hit.
 
-    Two batched matmuls over a grid of all experts use the slot buffers in place. The grouped alternative gathers
-    the hit experts' factors (most of the slot, copied for every projection) and on the CPU runs torch._grouped_mm
-    as a loop over the experts; at decode sizes (a few rows per expert) those cost more than the products did and
-    made a single-adapter batch at 64 experts top-8 slower than a mixed one. The grid's zero rows cost only
-    LoRA-rank flops."""
+    Two batched matmuls over a zero-padded [groups, cap] grid use the slot buffers in place. The grouped alternative
+    gathers the hit groups' factors (most of a slot, copied for every projection) and on the CPU runs
+    torch._grouped_mm as a loop over the groups; at decode sizes (a few rows per expert) those cost more than the
+    products did and made a single-adapter batch at 64 experts top-8 slower than a mixed one. The grid's zero rows
+    cost only LoRA-rank flops."""
     e, cap = a.shape[0], routing.cap
     padding_macs = (e * cap - routing.rows) * (a.shape[-1] + b.shape[1]) * a.shape[1]
     if padding_macs > GRID_MACS_PER_GROUP * routing.groups:  # skewed routing: the grid would be mostly padding
         xa = routing.mm(x, routing.select(a).transpose(1, 2))
-        return y.add_(routing.mm(xa, routing.select(b).transpose(1, 2)))
+        return routing.mm(xa, routing.select(b).transpose(1, 2))
     if routing.layout == "padded":  # x [G, cap, in]: whole groups move into the grid
         every = routing.groups == e
         grid = x if every else x.new_zeros(e, cap, x.shape[-1]).index_copy_(0, routing.hit, x)
         d = torch.bmm(torch.bmm(grid, a.transpose(1, 2)), b.transpose(1, 2))
-        return y.add_(d if every else d.index_select(0, routing.hit))
-    idx = routing.grid_index()  # jagged: x [rows, in], rows sorted by expert
+        return d if every else d.index_select(0, routing.hit)
+    idx = routing.grid_index()  # jagged: x [rows, in], rows sorted by group
     grid = x.new_zeros(e * cap, x.shape[-1]).index_copy_(0, idx, x)
     d = torch.bmm(torch.bmm(grid.view(e, cap, -1), a.transpose(1, 2)), b.transpose(1, 2))
-    return y.add_(d.view(e * cap, -1).index_select(0, idx))
+    return d.view(e * cap, -1).index_select(0, idx)
 
 
 class ExpertSlots(nn.Module):
@@ -251,15 +281,17 @@ class ExpertSlots(nn.Module):
         return routing.combine(out, top_k_weights).to(hidden_states.dtype)
 
     def _mixed_routing(self, hidden_states, top_k_index, routing: Routing):
-        """The assignments sorted by (slot, expert), once per layer, and where each of its rows sits among
-        `routing`'s rows (sorted by expert)."""
-        e, s = self.num_experts, self.max_slots
+        """The assignments sorted by (slot, expert), once per layer, over the slots lo..hi the batch uses (their
+        buffers are one view, [n * E, ...]), and where each of its rows sits among `routing`'s rows (by expert)."""
+        e = self.num_experts
+        lo, hi = self.batch.slot_range
         slot = self.batch.token_slot(hidden_states.shape[0]).to(top_k_index.device)[:, None]
-        key = torch.where((slot >= 0) & (top_k_index < e), slot * e + top_k_index, s * e)
-        by_slot = Routing(key, s * e, "auto", hidden_states.dtype)
+        n = hi - lo + 1
+        key = torch.where((slot >= 0) & (top_k_index < e), (slot - lo) * e + top_k_index, n * e)
+        by_slot = Routing(key, n * e, "auto", hidden_states.dtype)
         position = torch.empty(top_k_index.numel(), dtype=torch.long, device=top_k_index.device)
         position[routing.slot] = torch.arange(routing.rows, device=top_k_index.device)
-        return by_slot, position[by_slot.slot]
+        return by_slot, position[by_slot.slot], lo, hi
 
     def _project(self, owner, name, x, routing: Routing, mixed) -> torch.Tensor:
         filled = self.filled.get(name)
@@ -269,17 +301,17 @@ class ExpertSlots(nn.Module):
             s = self.batch.uniform
             if filled is None or not filled[s]:
                 return y
-            return _add_expert_lora(routing, x, y, A[s].to(x.dtype), B[s].to(x.dtype))
+            return y.add_(_expert_lora(routing, x, A[s].to(x.dtype), B[s].to(x.dtype)))
         if filled is None or not any(filled):
             return y
-        by_slot, position = mixed
+        by_slot, position, lo, hi = mixed
         if by_slot.groups == 0:
             return y
-        flat_a = A.view(-1, *A.shape[2:])   # [S*E, R, in]: group g of by_slot is slot g // E, expert g % E
-        flat_b = B.view(-1, *B.shape[2:])
+        # slots lo..hi over all experts: group g of by_slot is slot lo + g // E, expert g % E (a view, no copy)
+        flat_a = A[lo:hi + 1].reshape(-1, *A.shape[2:]).to(x.dtype)
+        flat_b = B[lo:hi + 1].reshape(-1, *B.shape[2:]).to(x.dtype)
         rows = routing.from_layout(x).index_select(0, position)
-        xa = by_slot.mm(by_slot.to_layout(rows), by_slot.select(flat_a).transpose(1, 2))
-        d = by_slot.from_layout(by_slot.mm(xa, by_slot.select(flat_b).transpose(1, 2)))
+        d = by_slot.from_layout(_expert_lora(by_slot, by_slot.to_layout(rows), flat_a, flat_b))
         y_rows = routing.from_layout(y)  # y itself in the jagged layout (added to in place: no autograd here)
         y_rows.index_add_(0, position, d.to(y_rows.dtype))
         return routing.to_layout(y_rows) if routing.layout == "padded" else y_rows
