@@ -13,7 +13,8 @@ from studio.adapters import adapter_parameters, apply_plan, load_adapter, save_a
 from studio.errors import ModelError, PlanError
 from studio.experts.selection import cumulative_set, parse_selection, select_experts, select_layer
 from studio.models.loading import QuantSpec, load_base
-from studio.moe.experts import ExpertLora, StudioExperts
+from studio.lora.experts import ExpertLora
+from studio.moe.experts import StudioExperts
 from studio.moe.plan import LoraSettings, build_plan
 
 

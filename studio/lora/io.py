@@ -1,8 +1,8 @@
 """Attach, save and load LoRA adapters on a studio-loaded base.
 
-Linear targets (attention, shared experts, dense MLP) use PEFT's LoRA layers (bitsandbytes-aware);
-routed experts use studio.moe.experts. Saved adapters are plain PEFT artifacts: `adapter_config.json`
-(`target_modules` + `target_parameters`) and `adapter_model.safetensors`, loadable by
+Linear targets (attention, shared experts, dense MLP) use PEFT's LoRA layers (bitsandbytes-aware); routed
+experts get an ExpertLora (studio/lora/experts.py) on their StudioExperts. Saved adapters are plain PEFT artifacts:
+`adapter_config.json` (`target_modules` + `target_parameters`) and `adapter_model.safetensors`, loadable by
 `peft.PeftModel.from_pretrained` on the unquantized base, plus `studio_adapter.json` metadata.
 """
 

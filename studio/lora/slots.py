@@ -9,12 +9,15 @@ a slot and clears it. It does not decide which adapter lives in which slot: the 
     with slots.rows([0, None, 1]):                      # row 0 -> slot 0, row 1 -> bare base, row 2 -> slot 1
         logits = model(input_ids=ids).logits            # ids: [3, T]
 
-Every layer holds A [S, R, in] and B [S, out, R] (experts: [S, E, R, in], [S, E, out, R]) for S = max_slots at the
-largest rank R seen so far, LoRA scaling folded into B, smaller ranks zero-padded (zero columns add nothing). A
-forward where every row uses one slot runs two plain matmuls per layer (experts: the grouped path's products on the
-slot's factors); a mixed forward sorts its tokens by slot once (for the linears) or by (slot, expert) once per MoE
-layer and runs grouped products over the segments. Nothing is rebuilt per adapter set and no PEFT code runs at
-serving time; training keeps PEFT's layers and `ExpertLora` (studio.lora.io), whose saved files these slots read.
+Every linear holds A [S, R, in] and B^T [S, R, out], every experts module A [S, E, R, in] and B [S, E, out, R], for
+S = max_slots at the largest rank R seen so far, LoRA scaling folded into B, smaller ranks zero-padded (zero columns
+add nothing). A forward where every row uses one slot runs two plain matmuls per linear, and per expert projection
+two batched matmuls over a zero-padded grid of all experts on the slot's buffers in place (`_expert_lora`). A mixed
+forward runs, while it has few tokens (decode), every token through the used slots' linear factors as one masked
+rank (two matmuls on views of the buffers), else sorts its tokens by slot once for all linears; its experts sort
+the (slot, expert) assignments once per MoE layer over the used slots lo..hi (a view of the buffers) and run grouped
+products. Nothing is rebuilt per adapter set and no PEFT code runs at serving time; training keeps PEFT's layers and
+`ExpertLora` (studio/lora/experts.py; saved by studio/lora/io.py), whose files these slots read.
 """
 
 from __future__ import annotations
