@@ -164,7 +164,10 @@ class SlotLinear(nn.Module):
             s = batch.uniform
             if not self.filled[s]:
                 return y
-            return y + (F.linear(x.to(self.lora_A.dtype), self.lora_A[s]) @ self.lora_B[s]).to(y.dtype)
+            xa = F.linear(x.to(self.lora_A.dtype), self.lora_A[s])
+            if y.dtype == xa.dtype:  # one fused kernel for the product and the sum (fewer ops: decode is op-bound)
+                return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), self.lora_B[s]).view_as(y)
+            return y + (xa @ self.lora_B[s]).to(y.dtype)
         flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
         lo, hi = batch.slot_range
         n, rank = hi - lo + 1, self.lora_A.shape[1]
@@ -173,7 +176,10 @@ class SlotLinear(nn.Module):
             # the other slots zeroed by the batch's mask; two plain matmuls on views of the buffers, no sort
             xa = F.linear(flat, self.lora_A[lo:hi + 1].reshape(n * rank, -1))
             xa.mul_(batch.slot_mask(flat.shape[0], rank, flat.device, flat.dtype))
-            return y + (xa @ self.lora_B[lo:hi + 1].reshape(n * rank, -1)).view(*y.shape[:-1], -1).to(y.dtype)
+            b = self.lora_B[lo:hi + 1].reshape(n * rank, -1)
+            if y.dtype == xa.dtype:
+                return torch.addmm(y.reshape(-1, y.shape[-1]), xa, b).view_as(y)
+            return y + (xa @ b).view(*y.shape[:-1], -1).to(y.dtype)
         routing = batch.linear_routing(flat.shape[0], flat.device, flat.dtype)
         if routing.groups == 0:
             return y
