@@ -262,6 +262,7 @@ def save_weights(model, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkstemp(prefix=".model-", suffix=".safetensors", dir=path.parent)[1])
     save_file(state, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the shipped weights are read by every user
     os.replace(tmp, path)  # written under a temporary name, renamed last
     return file_sha256(path)
 
