@@ -26,8 +26,7 @@ def register(subparsers) -> None:
     pre = sub.add_parser("pretrain", help="pretrain tiny-moe on the shipped corpus (rebuilds its committed weights)",
                          description="Full-parameter pretraining of tiny-moe on the committed CPython-documentation "
                                      "corpus, deterministic on one machine type; compares the result's sha256 with "
-                                     "the shipped weights'. 300 steps: 65 min measured on a shared 2-core VM, ~12 min "
-                                     "estimated on an idle one.")
+                                     "the shipped weights'. 600 steps: about 7 minutes on an idle 2-core VM.")
     pre.add_argument("name", help="the base to pretrain: tiny-moe")
     pre.add_argument("--out", default=None,
                      help="folder for model.safetensors and pretrained.json (default: the shipped assets, "

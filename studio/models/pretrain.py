@@ -37,18 +37,18 @@ RECORD_FILE = ASSETS_DIR / "tiny-moe" / "pretrained.json"
 class PretrainConfig:
     """Pretraining options (the CLI's flags)."""
 
-    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "sequences per step"})
     seq_len: int = field(default=256, metadata={"help": "tokens per packed sequence"})
     learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a share of the peak"})
-    warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
+    warmup_steps: int = field(default=40, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
     aux_coef: float = field(default=0.01, metadata={"help": "router load-balancing loss coefficient"})
     bias_update: float = field(default=1e-3, metadata={"help": "DeepSeek-V3 aux-loss-free bias step per update"})
     seed: int = field(default=1234, metadata={"help": "seed for init and data order"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads (fixed: results depend on it)"})
-    eval_every: int = field(default=100, metadata={"help": "held-out loss every N steps (0: only at the end)"})
+    eval_every: int = field(default=150, metadata={"help": "held-out loss every N steps (0: only at the end)"})
     eval_batches: int = field(default=8, metadata={"help": "held-out batches per evaluation"})
     prefix_steps: int = field(default=5, metadata={
         "help": "record the weights hash and losses after this many steps: a short rerun checks reproduction"})
