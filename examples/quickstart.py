@@ -2,8 +2,8 @@
 
     python examples/quickstart.py [--steps 8] [--out runs/quickstart]      # a few minutes on 2 CPU cores
 
-It runs on `tiny-moe`, a randomly initialised 6.6M-parameter MoE built locally: it proves the pipeline runs but
-knows no language, so its generations are noise and a few steps move the held-out loss only a little. For real
+It runs on `tiny-moe`, a 6.6M-parameter MoE the studio pretrained on CPython's documentation (shipped weights): it
+writes Python-doc English but knows little else, and a few steps move the held-out loss only a little. For real
 adaptation pass base="/models/Mixtral-8x7B-v0.1" (or a hub id in the local cache) and train for longer.
 Adapters and datasets go to the default registries; set STUDIO_ADAPTERS_ROOT / STUDIO_DATASETS_ROOT to keep them
 elsewhere. examples/quickstart.ipynb is the same walk-through as a notebook, with plots.

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from studio.eval.routing import RoutingStats
+from studio.eval.routing import RoutingStats, domain_divergence
 
 BASE = "base"
 
@@ -188,6 +188,18 @@ class EvalReport:
                                      "count": count, "share": count / slots, "layer_drift": drift})
         return rows
 
+    def routing_divergence_rows(self) -> list[dict]:
+        """Per model and pair of held-out sets: how differently the model routes them (Jensen-Shannon distance of
+        each layer's expert usage, 0 = same proportions, 1 = disjoint experts)."""
+        rows = []
+        for model, per in self.routing.items():
+            for r in domain_divergence(per):
+                row = {"model": model, "domain_a": r["domains"][0], "domain_b": r["domains"][1],
+                       "mean_js_distance": r["mean_js_distance"]}
+                row.update({f"layer_{n}": v for n, v in zip(r["layers"], r["js_distance"])})
+                rows.append(row)
+        return rows
+
     # ---- serialisation --------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
@@ -201,7 +213,7 @@ class EvalReport:
             "generation": {m: asdict(g) for m, g in self.generation.items()},
             "prompts": self.prompts, "reference_prompts": self.reference_prompts,
             "verdicts": self.verdicts(), "table": self.rows(), "cross_domain": self.cross_domain_rows(),
-            "notes": self.notes, "recorded": self.recorded,
+            "routing_divergence": self.routing_divergence_rows(), "notes": self.notes, "recorded": self.recorded,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -303,6 +315,15 @@ class EvalReport:
         first = next(s for per in self.routing.values() for d, s in per.items() if d == self.dataset)
         lines += [f"{first.tokens} tokens x top-{first.top_k} = {first.slots()} routed slots per layer.", ""]
         lines += _md_table(body, ["model", "layer", "entropy", "CV", "drift", "most used experts"]) + [""]
+        div = self.routing_divergence_rows()
+        if div:
+            layers = [k for k in div[0] if k.startswith("layer_")]
+            lines += ["### Routing differences between held-out sets", "",
+                      "Jensen-Shannon distance between two sets' expert usage, per layer (0: same proportions, "
+                      "1: disjoint experts). Experts that specialise by domain show as larger distances.", ""]
+            lines += _md_table([[r["model"], f"{r['domain_a']} vs {r['domain_b']}", _fmt(r["mean_js_distance"], ".3f")]
+                                + [_fmt(r.get(k), ".3f") for k in layers] for r in div],
+                               ["model", "sets", "mean"] + [k.replace("_", " ") for k in layers]) + [""]
         return lines
 
     def _generations_markdown(self) -> list[str]:
@@ -336,7 +357,8 @@ class EvalReport:
         _write(out / "report.md", self.markdown())
         paths["markdown"] = str(out / "report.md")
         for name, rows in (("results", self.rows()), ("cross_domain", self.cross_domain_rows()),
-                           ("routing", self.routing_rows())):
+                           ("routing", self.routing_rows()),
+                           ("routing_divergence", self.routing_divergence_rows())):
             if rows:
                 _write(out / f"{name}.csv", pd.DataFrame(rows).to_csv(index=False))
                 paths[f"{name}_csv"] = str(out / f"{name}.csv")

@@ -272,7 +272,7 @@ def resolve_base(ref: str, config_only: bool = False, cache_dir: str | os.PathLi
     ref = str(ref).strip()
     if not ref:
         raise ModelError("no base given: pass an embedded name (e.g. `tiny-moe`), a local directory or a hub id")
-    if ref in tiny.EMBEDDED:
+    if ref in tiny.BUILDABLE:
         return _resolve_embedded(ref, config_only, cache_dir)
     path = Path(ref).expanduser()
     if path.exists():

@@ -1,8 +1,11 @@
 """Tiny MoE bases built locally and deterministically: the embedded default `tiny-moe` and small test
 models of six MoE families. Run `python -m studio.models.tiny NAME` to build one into the cache.
 
-`tiny-moe` is a randomly initialised DeepSeek-V3-architecture smoke-test base (MLA attention, one shared
-expert, 8 routed experts with top-2 routing, first layer dense). Real adaptation uses `--base <hub id or dir>`.
+`tiny-moe` is a DeepSeek-V3-architecture base (MLA attention, one shared expert, 8 routed experts with top-2
+routing, first layer dense) pretrained by the studio on CPython's documentation: its weights ship in
+studio/assets/tiny-moe/model.safetensors (sha256 in pretrained.json) and `studio models pretrain tiny-moe` rebuilds
+them. `tiny-moe-random` is the same architecture randomly initialised (the pretraining's starting point, and a fast
+smoke-test base); the other tiny architectures are random too. Real adaptation uses `--base <hub id or dir>`.
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ TINY_ARCHS: dict[str, tuple[str, dict]] = {
                                           output_router_logits=True)),
 }
 EMBEDDED = ("tiny-moe", *TINY_ARCHS)
+# Bases that resolve and build like the embedded ones but are not listed among them (test-only variants).
+RANDOM_TINY_MOE = "tiny-moe-random"
+BUILDABLE = (*EMBEDDED, RANDOM_TINY_MOE)
+PRETRAINED_WEIGHTS = paths.ASSETS_DIR / "tiny-moe" / "model.safetensors"
+PRETRAINED_RECORD = paths.ASSETS_DIR / "tiny-moe" / "pretrained.json"
 
 
 def _tokenizer_ids() -> dict:
@@ -60,7 +68,7 @@ def make_config(name: str):
     """The transformers config of an embedded base (no weights)."""
     import transformers
 
-    if name == "tiny-moe":
+    if name in ("tiny-moe", RANDOM_TINY_MOE):
         spec = json.loads(EMBEDDED_CONFIG.read_text())
         cls_name, kwargs = spec.pop("config_class"), spec
     elif name in TINY_ARCHS:
@@ -74,11 +82,40 @@ def make_config(name: str):
     return config
 
 
+def pretrained_sha256() -> str:
+    """The sha256 of the shipped tiny-moe weights, as recorded when they were pretrained."""
+    return json.loads(PRETRAINED_RECORD.read_text())["sha256"]
+
+
+def load_pretrained_state() -> dict:
+    """The shipped tiny-moe weights, checked against their recorded sha256 (a ModelError names the fix)."""
+    from safetensors.torch import load_file
+
+    from studio.errors import ModelError
+    from studio.models.pretrain import file_sha256
+
+    if not PRETRAINED_WEIGHTS.is_file():
+        raise ModelError(f"{PRETRAINED_WEIGHTS} is missing: restore it from git (it is committed) or rebuild it with "
+                         f"`studio models pretrain tiny-moe`")
+    actual, expected = file_sha256(PRETRAINED_WEIGHTS), pretrained_sha256()
+    if actual != expected:
+        raise ModelError(f"{PRETRAINED_WEIGHTS} has sha256 {actual}, not the recorded {expected}: restore it from "
+                         f"git or rebuild it with `studio models pretrain tiny-moe`")
+    return load_file(str(PRETRAINED_WEIGHTS))
+
+
 def build_model(name: str, seed: int = SEED):
-    """Instantiate an embedded base with deterministic fp32 weights (CPU RNG, fixed seed)."""
+    """Instantiate an embedded base in fp32: tiny-moe with its pretrained weights, the others (and tiny-moe-random)
+    with deterministic random weights (CPU RNG, fixed seed)."""
     from transformers import AutoModelForCausalLM
 
     config = make_config(name)
+    if name == "tiny-moe":
+        with torch.device("cpu"):  # not meta: non-persistent buffers (rotary tables) are not in the state dict
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(load_pretrained_state(), strict=True)
+        model.eval()
+        return model
     torch.manual_seed(seed)
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -106,17 +143,30 @@ def weights_hash(model_or_state) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _target(name: str, cache_dir) -> Path:
+    """<cache>/<name>-<digest of the config, and for tiny-moe of its shipped weights>."""
+    cache = Path(cache_dir) if cache_dir else paths.models_cache()
+    identity = json.dumps(make_config(name).to_dict(), sort_keys=True, default=str)
+    if name == "tiny-moe":
+        identity += pretrained_sha256()
+    return cache / f"{name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+
+
+def built_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The cache directory of a base if it has been built, else None (builds nothing)."""
+    target = _target(name, cache_dir)
+    return target if (target / "studio_base.json").exists() else None
+
+
 def ensure_built(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Build an embedded base once into the cache (`save_pretrained` + tokenizer) and return its directory.
 
     The directory is written under a temporary name and renamed last, so its existence means it is complete.
     """
-    if name not in EMBEDDED:
+    if name not in BUILDABLE:
         raise KeyError(name)
-    cache = Path(cache_dir) if cache_dir else paths.models_cache()
-    config_digest = hashlib.sha256(json.dumps(make_config(name).to_dict(), sort_keys=True, default=str)
-                                   .encode()).hexdigest()[:12]
-    target = cache / f"{name}-{config_digest}"
+    target = _target(name, cache_dir)
+    cache = target.parent
     if (target / "studio_base.json").exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -128,7 +178,8 @@ def ensure_built(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
 
         load_tokenizer().save_pretrained(tmp)
         (tmp / "studio_base.json").write_text(json.dumps(
-            {"name": name, "seed": SEED, "weights_hash": weights_hash(model)}, indent=2))
+            {"name": name, "seed": SEED, "weights_hash": weights_hash(model),
+             "pretrained_sha256": pretrained_sha256() if name == "tiny-moe" else None}, indent=2))
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first: theirs is identical
@@ -141,7 +192,7 @@ def ensure_built(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=EMBEDDED, help="which embedded base to build")
+    parser.add_argument("name", choices=BUILDABLE, help="which embedded base to build")
     parser.add_argument("--cache-dir", default=None, help="cache root (default: $STUDIO_MODELS_CACHE)")
     args = parser.parse_args(argv)
     path = ensure_built(args.name, args.cache_dir)

@@ -1,4 +1,8 @@
-"""The tokenizer of the embedded `tiny-moe` base: byte-level BPE trained on the shipped samples.
+"""The tokenizer of the embedded `tiny-moe` base: byte-level BPE trained on the pretraining corpus's train split.
+
+It is trained on the general corpus (`studio.models.corpus`), not on the law/medicine/code samples: a token made
+from domain words would never be seen in pretraining, so the base would know nothing of it and an adapter (which
+trains no embeddings) could hardly learn to use it. Domain words are instead spelled with pieces the base knows.
 
 Rebuild the committed files with `python -m studio.models.tokenizer --out studio/assets/tiny-moe`;
 load them with `load_tokenizer()`.
@@ -41,8 +45,15 @@ CHAT_TEMPLATE = (
 _STRUCTURE_KEYS = {"role", "from"}
 
 
-def default_training_files() -> list[Path]:
-    """The shipped samples, train then eval, in manifest order: the fixed training corpus."""
+def default_training_texts() -> Iterator[str]:
+    """The pretraining corpus's train split, in file order: the fixed tokenizer training text."""
+    from studio.models.corpus import _record_text, load_corpus
+
+    return (_record_text(r) for r in load_corpus() if r["split"] == "train")
+
+
+def sample_files() -> list[Path]:
+    """The shipped samples, train then eval, in manifest order."""
     root = shipped_datasets_dir()
     manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
     files = []
@@ -79,13 +90,13 @@ def iter_texts(files: Iterable[str | Path]) -> Iterator[str]:
 
 
 def train_tokenizer(files: Iterable[str | Path] | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE):
-    """Train a byte-level BPE `tokenizers.Tokenizer` on `files` (default: the shipped samples).
+    """Train a byte-level BPE `tokenizers.Tokenizer` on `files` (default: the pretraining corpus's train split).
 
-    Deterministic: the same files in the same order give byte-identical `tokenizer.json`.
+    Deterministic: the same text in the same order gives byte-identical `tokenizer.json`.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    files = default_training_files() if files is None else list(files)
+    texts = default_training_texts() if files is None else iter_texts(list(files))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -98,7 +109,7 @@ def train_tokenizer(files: Iterable[str | Path] | None = None, vocab_size: int =
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(iter_texts(files), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help="folder to write the tokenizer files into")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BPE vocabulary size")
     parser.add_argument("files", nargs="*", type=Path,
-                        help="training files (default: the shipped samples, in manifest order)")
+                        help="training files (default: the pretraining corpus's train split)")
     args = parser.parse_args(argv)
     tok = train_tokenizer(args.files or None, vocab_size=args.vocab_size)
     out = save_tokenizer(tok, args.out)

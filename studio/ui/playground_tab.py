@@ -109,8 +109,9 @@ def build(ctx) -> SimpleNamespace:
                 ui.engine = gr.Markdown(engine_markdown(ctx), elem_id="playground-engine")
             with gr.Column(scale=3):
                 ui.chatbot = gr.Chatbot(label="Chat", height=460, elem_id="playground-chat",
-                                        placeholder="Pick a model and say something. `tiny-moe` is a randomly "
-                                                    "initialised smoke-test base: expect noise, not language.")
+                                        placeholder="Pick a model and say something. `tiny-moe` is a 6.6M-parameter "
+                                                    "base pretrained on CPython's documentation: expect Python-doc "
+                                                    "English, not knowledge.")
                 with gr.Row():
                     ui.message = gr.Textbox(placeholder="Your message (Enter to send)", show_label=False, scale=5,
                                             elem_id="playground-message", max_lines=6)
