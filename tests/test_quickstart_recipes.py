@@ -3,7 +3,7 @@ base's ~8.75, greedy answers made of real words) and routes the domains apart wh
 the shipped quickstart recipes every domain adapter beats the base on its own domain with its largest improvement
 there (the cross-domain diagonal), the law adapter still answering in real words.
 
-Slow (a few minutes on 2 CPU cores): the second test runs the three shipped recipes as they ship (200 steps each),
+Slow (about 4 minutes on 2 idle CPU cores): the second test runs the three shipped recipes as they ship (200 steps each),
 then one evaluation over the three held-out sets; both are marked slow and run in CI.
 """
 
@@ -69,10 +69,9 @@ def test_recipes_specialise_on_their_domain(tmp_path):
     share, corpus_only = corpus.real_word_share(outputs, law_vocab), corpus.real_word_share(outputs, vocab)
     print(f"law adapter: real-word share {share:.3f} (corpus vocabulary alone {corpus_only:.3f})",
           report.generation[adapters["law"]].outputs)
-    # Measured 0.686 (corpus alone 0.686): the adapter writes law-shaped sentences with half-spelled words ("A
-    # pration is the princt of a princt"). The issue asks for 0.8; not reached with this corpus (the base has never
-    # seen law's words and spells them from Python-doc pieces), so this asserts what holds.
-    assert share >= 0.6, share
+    # Measured 0.851 (corpus alone 0.702), e.g. "A fair is the principle that the princts the principle that": words,
+    # some half-spelled law words among them, not yet sense.
+    assert share >= 0.8, share
 
 
 def _js_by_pair(per_domain) -> dict:

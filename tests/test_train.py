@@ -93,7 +93,7 @@ def test_quickstart_recipe_lowers_held_out_loss_and_registers(tmp_path, capsys):
     # captured output is not a terminal: one plain line per logging step, no redrawn bars or escape codes
     assert re.search(r"^step 40/40  loss \d+\.\d{4}", out, flags=re.M), out[-2000:]
     assert "\x1b[" not in out + captured.err and "it/s]" not in out + captured.err
-    assert "trainable parameters (LoRA): 452,608 = 6.829% of the base's 6,628,096" in out
+    assert "trainable parameters (LoRA): 905,216 = 13.657% of the base's 6,628,096" in out  # the recipe's r=32
     meta = json.loads((tmp_path / "run" / "adapter" / "studio_adapter.json").read_text())
     assert meta["metrics"]["eval_loss"] < meta["metrics"]["eval_loss_before"]
     assert meta["dataset"]["ref"] == "law@v1"
