@@ -179,8 +179,7 @@ def _selective_plan(loaded, settings=None):
 
 @pytest.mark.parametrize("name", ["tiny-moe", "tiny-mixtral", "tiny-qwen3-moe", "tiny-gpt-oss"])
 def test_selected_expert_adapter_loads_in_plain_peft_and_matches(name, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from test_moe_lora import plain_peft_logits
 
     loaded = load_base(name, QuantSpec("none"))
     plan, plain, ids = _selective_plan(loaded, LoraSettings(r=4, alpha=8))
@@ -198,12 +197,7 @@ def test_selected_expert_adapter_loads_in_plain_peft_and_matches(name, tmp_path)
     out = save_adapter(loaded.model, plan, tmp_path / "adapter", base_id=name)
     meta = json.loads((out / "studio_adapter.json").read_text())
     assert meta["plan"]["expert_ids"] == ids
-    base = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32)
-    with torch.no_grad():
-        bare = base(input_ids=x).logits
-    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
-    with torch.no_grad():
-        theirs = peft_model(input_ids=x).logits
+    bare, theirs = plain_peft_logits(loaded.path, out, x)
     assert (ours - bare).abs().max() > 1e-2
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
     # the studio loads it back selective (only the selected slots allocated), with the same function

@@ -20,6 +20,20 @@ def _tokens(n=2, s=24, seed=0):
     return torch.randint(6, 2000, (n, s), generator=torch.Generator().manual_seed(seed))
 
 
+def plain_peft_logits(base_path, adapter_dir, x):
+    """Logits of the fp32 base from `base_path` for tokens `x`, bare and with `adapter_dir` loaded by plain PEFT:
+    what a user without the studio gets from a saved adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    with torch.no_grad():
+        bare = base(input_ids=x).logits
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return bare, peft_model(input_ids=x).logits
+
+
 def _randomize_lora(model, adapter="default", seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -94,9 +108,6 @@ def test_five_steps_lower_loss_change_lora_keep_base(name):
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_saved_adapter_loads_in_plain_peft_and_matches(name, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     loaded = load_base(name, QuantSpec("none"))
     plan = build_plan(loaded.model, loaded.arch, loaded.components, "attention,experts", LoraSettings(r=4, alpha=8))
     apply_plan(loaded.model, plan, "default")
@@ -105,16 +116,10 @@ def test_saved_adapter_loads_in_plain_peft_and_matches(name, tmp_path):
     x = _tokens()
     with torch.no_grad():
         ours = loaded.model(input_ids=x).logits
-        base_logits_reference = None
     out = save_adapter(loaded.model, plan, tmp_path / "adapter", base_id=name)
     assert {"adapter_config.json", "adapter_model.safetensors", "studio_adapter.json"} <= {p.name for p in out.iterdir()}
-    base = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32)
-    with torch.no_grad():
-        base_logits_reference = base(input_ids=x).logits
-    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
-    with torch.no_grad():
-        theirs = peft_model(input_ids=x).logits
-    assert (ours - base_logits_reference).abs().max() > 1e-2  # the adapter does something
+    bare, theirs = plain_peft_logits(loaded.path, out, x)
+    assert (ours - bare).abs().max() > 1e-2  # the adapter does something
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
     # the same adapter on the 4-bit base stays close to the fp32 function (documented tolerance)
