@@ -135,9 +135,7 @@ def _pretrain(args) -> int:
     if args.threads is not None:
         cfg.threads = args.threads
     out = Path(args.out) if args.out else tiny.PRETRAINED_WEIGHTS.parent
-    model, record = pretrain.pretrain(cfg, log=lambda line: print(line, flush=True))
-    record["sha256"] = pretrain.save_weights(model, out / tiny.PRETRAINED_WEIGHTS.name)
-    (out / tiny.PRETRAINED_RECORD.name).write_text(json.dumps(record, indent=2) + "\n")
+    record = pretrain.pretrain_and_save(cfg, out, log=lambda line: print(line, flush=True))
     print(f"wrote {out / tiny.PRETRAINED_WEIGHTS.name} (sha256 {record['sha256']}) in {record['wall_seconds']:.0f} s; "
           f"held-out loss on the corpus {record['heldout_loss']:.4f}")
     if shipped:

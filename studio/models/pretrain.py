@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from studio.paths import ASSETS_DIR
+from studio.models.tiny import PRETRAINED_RECORD, PRETRAINED_WEIGHTS
 
-WEIGHTS_FILE = ASSETS_DIR / "tiny-moe" / "model.safetensors"
-RECORD_FILE = ASSETS_DIR / "tiny-moe" / "pretrained.json"
+# the shipped weights and their record: the files the embedded base loads (`studio.models.tiny`)
+WEIGHTS_FILE, RECORD_FILE = PRETRAINED_WEIGHTS, PRETRAINED_RECORD
 
 
 @dataclass
@@ -275,6 +275,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def pretrain_and_save(cfg: PretrainConfig, out: Path, log=print) -> dict:
+    """Pretrain, write `out`/model.safetensors and `out`/pretrained.json (the record, with the weights' sha256) and
+    return the record: what `studio models pretrain` and this module's command both run."""
+    model, record = pretrain(cfg, log=log)
+    record["sha256"] = save_weights(model, out / WEIGHTS_FILE.name)
+    (out / RECORD_FILE.name).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studio.models.pretrain", description=__doc__.splitlines()[0])
     defaults = PretrainConfig()
@@ -285,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for model.safetensors and pretrained.json (default: the shipped assets)")
     args = parser.parse_args(argv)
     cfg = PretrainConfig(**{k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__})
-    model, record = pretrain(cfg, log=lambda s: print(s, flush=True))
-    record["sha256"] = save_weights(model, args.out / WEIGHTS_FILE.name)
-    (args.out / RECORD_FILE.name).write_text(json.dumps(record, indent=2) + "\n")
+    record = pretrain_and_save(cfg, args.out, log=lambda s: print(s, flush=True))
     print(f"wrote {args.out / WEIGHTS_FILE.name} sha256 {record['sha256']}")
     return 0
 
