@@ -248,14 +248,12 @@ def corpus_vocabulary(records: list[dict] | None = None) -> set[str]:
 def domain_vocabulary(dataset: str) -> set[str]:
     """Lower-cased words of a shipped sample's train split (e.g. 'law'): the words an adapter trained on it learned,
     which the general corpus lacks (about a quarter of the law sample's own words are not in the corpus)."""
-    from studio.models.tokenizer import iter_texts
+    from studio.models.tokenizer import iter_texts, shipped_samples
 
-    root = shipped_datasets_dir()
-    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-    for sample in manifest["samples"]:
-        if sample["name"] == dataset:
-            return text_vocabulary(iter_texts([root / sample["train_file"]]))
-    raise KeyError(f"no shipped sample named {dataset!r}")
+    samples = shipped_samples()
+    if dataset not in samples:
+        raise KeyError(f"no shipped sample named {dataset!r}")
+    return text_vocabulary(iter_texts([samples[dataset][0]]))
 
 
 def real_word_share(text: str, vocabulary: set[str]) -> float:

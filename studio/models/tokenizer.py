@@ -52,14 +52,16 @@ def default_training_texts() -> Iterator[str]:
     return (_record_text(r) for r in load_corpus() if r["split"] == "train")
 
 
-def sample_files() -> list[Path]:
-    """The shipped samples, train then eval, in manifest order."""
+def shipped_samples() -> dict[str, tuple[Path, Path]]:
+    """The shipped samples' (train file, eval file) by name, in manifest order."""
     root = shipped_datasets_dir()
     manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-    files = []
-    for sample in manifest["samples"]:
-        files += [root / sample["train_file"], root / sample["eval_file"]]
-    return files
+    return {s["name"]: (root / s["train_file"], root / s["eval_file"]) for s in manifest["samples"]}
+
+
+def sample_files() -> list[Path]:
+    """The shipped samples, train then eval, in manifest order."""
+    return [f for pair in shipped_samples().values() for f in pair]
 
 
 def _strings(obj) -> Iterator[str]:
