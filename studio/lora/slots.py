@@ -193,12 +193,26 @@ class SlotLinear(nn.Module):
         return f"slots={self.lora_A.shape[0]}, rank={self.lora_A.shape[1]}"
 
 
-# Expert LoRA runs on a zero-padded [groups, cap] grid of all groups (experts, or (slot, expert) pairs) while the
-# grid's padding costs fewer multiply-adds than this many per hit group, about the fixed cost of the small matmul
-# calls the grouped alternative makes per group on a CPU core (measured at 64 experts top-8, 2026-12: a larger
-# value made mixed batches, whose grid spans several slots, 10-15% slower per MoE layer). With skewed routing (a
-# long prefill) or a grid spanning many slots, the grouped products on the hit groups run instead.
-GRID_MACS_PER_GROUP = 2 ** 16
+# Expert LoRA runs on a zero-padded [groups, cap] grid of all groups (experts, or (slot, expert) pairs) unless the
+# grouped products on the hit groups cost less (`_grid_pays`). Jagged routing (some expert gets many more rows than
+# the others) makes the grouped products a loop of small matmuls on the CPU, about this many multiply-adds of fixed
+# cost per group; a grid's padding is cheaper than that up to here. Measured at 2 threads on the bench's 16- and
+# 64-expert models (2026-12, `bench/serve.py`): decode grids (1-3M padding MACs) ran in 0.15-0.2 ms where the grouped
+# loop took 0.5-1.3 ms; a 64-expert prefill's grid (1.2M padding MACs per group) 3.0 ms against 4.5 ms.
+GRID_MACS_PER_GROUP = 2 ** 21
+
+
+def _grid_pays(routing: Routing, groups_total: int, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `_expert_lora` should run on the grid of all `groups_total` groups rather than the hit ones.
+
+    Padded routing (every hit group has about cap rows): the alternative is one bmm over the hit groups after
+    gathering their factors, which costs about as much as the grid's padding groups once they are no more than the
+    hit ones (measured: a 3-slot mixed grid with a third of its groups hit took 0.35 ms, the gather and bmm 0.16).
+    Jagged routing: see GRID_MACS_PER_GROUP."""
+    if routing.layout == "padded":
+        return 2 * routing.groups >= groups_total
+    padding_macs = (groups_total * routing.cap - routing.rows) * (a.shape[-1] + b.shape[1]) * a.shape[1]
+    return padding_macs <= GRID_MACS_PER_GROUP * routing.groups
 
 
 def _expert_lora(routing: Routing, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -212,8 +226,7 @@ def _expert_lora(routing: Routing, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     products did and made a single-adapter batch at 64 experts top-8 slower than a mixed one. The grid's zero rows
     cost only LoRA-rank flops."""
     e, cap = a.shape[0], routing.cap
-    padding_macs = (e * cap - routing.rows) * (a.shape[-1] + b.shape[1]) * a.shape[1]
-    if padding_macs > GRID_MACS_PER_GROUP * routing.groups:  # skewed routing: the grid would be mostly padding
+    if not _grid_pays(routing, e, a, b):
         xa = routing.mm(x, routing.select(a).transpose(1, 2))
         return routing.mm(xa, routing.select(b).transpose(1, 2))
     if routing.layout == "padded":  # x [G, cap, in]: whole groups move into the grid
