@@ -132,3 +132,15 @@ def test_models_pretrain_refuses_other_bases(capsys):
 
     assert main(["models", "pretrain", "tiny-mixtral"]) == 2
     assert "only tiny-moe" in capsys.readouterr().err
+
+
+def test_pretrain_cli_compares_with_the_shipped_weights_only_for_the_shipped_recipe(tmp_path, capsys):
+    """A 2-step run (about 7 s) writes weights and a record, and does not call its weights DIFFERENT from the
+    shipped ones: its recipe differs (steps), so a different sha256 says nothing about the machine."""
+    from studio.cli import main
+
+    assert main(["models", "pretrain", "tiny-moe", "--steps", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((tmp_path / "pretrained.json").read_text())
+    assert record["config"]["steps"] == 2 and pretrain.file_sha256(tmp_path / "model.safetensors") == record["sha256"]
+    assert "not compared with the shipped weights" in out and "in steps" in out and "DIFFERENT" not in out

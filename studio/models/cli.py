@@ -138,7 +138,11 @@ def _pretrain(args) -> int:
     record = pretrain.pretrain_and_save(cfg, out, log=lambda line: print(line, flush=True))
     print(f"wrote {out / tiny.PRETRAINED_WEIGHTS.name} (sha256 {record['sha256']}) in {record['wall_seconds']:.0f} s; "
           f"held-out loss on the corpus {record['heldout_loss']:.4f}")
-    if shipped:
+    if shipped and record.get("config") != shipped["config"]:
+        changed = sorted(k for k in set(record.get("config", {})) | set(shipped["config"])
+                         if record.get("config", {}).get(k) != shipped["config"].get(k))
+        print(f"not compared with the shipped weights: this run's recipe differs from theirs in {', '.join(changed)}")
+    elif shipped:
         same = record["sha256"] == shipped["sha256"]
         print(f"shipped weights' sha256 {shipped['sha256']}: {'identical' if same else 'DIFFERENT'}"
               + ("" if same else " (expected only on another machine type, thread count or torch build)"))
