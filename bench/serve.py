@@ -101,6 +101,8 @@ def stream_bench(args, device: str, base_ref: str, registry_root: Path, models: 
 
     import httpx
 
+    from studio.serving.health import wait_until_serving
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -112,19 +114,15 @@ def stream_bench(args, device: str, base_ref: str, registry_root: Path, models: 
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = registry_root.parent / "serve.log"  # a file, not a pipe nobody reads while the streams run
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     out = {}
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"studio serve did not come up: {proc.stdout.read()[-2000:]}")
-            time.sleep(0.5)
+        try:
+            wait_until_serving(proc, url, timeout=300, interval=0.5)
+        except Exception as exc:
+            raise RuntimeError(f"{exc}; its log: {log_path.read_text()[-2000:]}") from exc
 
         def one(i: int, sink: list) -> None:
             body = {"model": models[i % len(models)], "prompt": prompts[i % len(prompts)],
@@ -157,6 +155,7 @@ def stream_bench(args, device: str, base_ref: str, registry_root: Path, models: 
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def operator_profile(engine, prompts, kinds, params, top: int = 12) -> dict:

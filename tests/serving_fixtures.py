@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from studio.serving.health import wait_until_serving  # noqa: F401  (the tests import it from here)
+
 
 def make_real_adapter(loaded, out_dir: Path, domain: str, seed: int, targets: str = "attention,experts",
                       scale: float = 0.2, r: int = 4) -> Path:
@@ -23,22 +25,3 @@ def build_registry(root: Path, work: Path, specs) -> "object":
     for domain, seed, targets in specs:
         registry.register(make_real_adapter(maker, work / f"{domain}-{seed}", domain, seed, targets), domain)
     return registry
-
-
-def wait_until_serving(proc, url: str, timeout: float = 120, interval: float = 0.3) -> None:
-    """Poll `url`/health until the `studio serve` subprocess `proc` answers 200; fail with its output if it exits
-    first or is not up within `timeout` seconds."""
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "studio serve did not come up"
-        time.sleep(interval)

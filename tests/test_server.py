@@ -229,3 +229,21 @@ def test_studio_serve_command(tmp_path, stack):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "serving medicine@prod -> medicine@v1" in out
+
+
+def test_wait_until_serving_names_a_server_that_exited_and_shows_its_output():
+    """The helper bench/serve.py and the server tests wait with: a process that dies before answering fails at
+    once with its exit code and the end of its output, instead of polling until the timeout."""
+    import subprocess
+    import sys
+    import time
+
+    from studio.errors import StudioError
+    from studio.serving.health import wait_until_serving
+
+    proc = subprocess.Popen([sys.executable, "-c", "print('port already in use'); raise SystemExit(3)"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.monotonic()
+    with pytest.raises(StudioError, match="exited with code 3") as err:
+        wait_until_serving(proc, "http://127.0.0.1:9", timeout=60, interval=0.1)
+    assert "port already in use" in str(err.value) and time.monotonic() - t0 < 30
