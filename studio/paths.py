@@ -5,6 +5,7 @@ Every root can be moved with an environment variable, which is how tests isolate
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -31,6 +32,15 @@ def shipped_datasets_dir() -> Path:
     """The sample domain datasets that ship with the studio (law, medicine, code)."""
     root = repo_root()
     return (root if root else PACKAGE_DIR.parent) / "datasets_registry"
+
+
+def shipped_samples() -> list[dict]:
+    """The shipped samples' manifest entries (name, train_file, eval_file relative to shipped_datasets_dir(), ...),
+    in manifest order; none when the manifest is absent. The one reader of the manifest."""
+    path = shipped_datasets_dir() / "manifest.json"
+    if not path.is_file():
+        return []
+    return list(json.loads(path.read_text(encoding="utf-8")).get("samples", []))
 
 
 def datasets_root() -> Path:

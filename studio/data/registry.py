@@ -212,13 +212,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _load_manifest() -> dict:
-    path = paths.shipped_datasets_dir() / "manifest.json"
-    if not path.is_file():
-        return {"samples": []}
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 # -----------------------------------------------------------------------------
 # the registry
 
@@ -376,7 +369,7 @@ class DatasetRegistry:
 
     def shipped_samples(self) -> list[dict]:
         """Manifest entries of the sample datasets that ship with the studio (law, medicine, code)."""
-        return list(_load_manifest().get("samples", []))
+        return paths.shipped_samples()
 
     def _register_sample(self, name: str) -> bool:
         for sample in self.shipped_samples():

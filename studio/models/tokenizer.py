@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from studio import paths
 from studio.paths import ASSETS_DIR, shipped_datasets_dir
 
 DEFAULT_DIR = ASSETS_DIR / "tiny-moe"
@@ -55,8 +56,7 @@ def default_training_texts() -> Iterator[str]:
 def shipped_samples() -> dict[str, tuple[Path, Path]]:
     """The shipped samples' (train file, eval file) by name, in manifest order."""
     root = shipped_datasets_dir()
-    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-    return {s["name"]: (root / s["train_file"], root / s["eval_file"]) for s in manifest["samples"]}
+    return {s["name"]: (root / s["train_file"], root / s["eval_file"]) for s in paths.shipped_samples()}
 
 
 def sample_files() -> list[Path]:
