@@ -219,6 +219,9 @@ def test_slot_linear_trains_and_saves_exactly_as_peft_layers(tmp_path):
             for p in live.values():
                 p.requires_grad_(True)
         initial = {k: v.detach().clone() for k, v in live.items()}
+        # the trainable parameters' names and order: what optimizer.pt (by position) and FSDP2's distributed
+        # optimizer checkpoints (by name) are keyed by, so checkpoints made with PEFT's layers resume
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         x = _tokens(2, 16)
         model.train()
@@ -230,11 +233,12 @@ def test_slot_linear_trains_and_saves_exactly_as_peft_layers(tmp_path):
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())
-        runs[impl] = (initial, losses, {k: v.detach().clone() for k, v in live.items()})
+        runs[impl] = (initial, losses, {k: v.detach().clone() for k, v in live.items()}, names)
         if impl == "studio":
             out = save_adapter(model, plan, tmp_path / "studio", base_id="tiny-qwen2-moe")
             saved = load_file(str(out / "adapter_model.safetensors"))
-    (init_s, loss_s, final_s), (init_p, loss_p, final_p) = runs["studio"], runs["peft"]
+    (init_s, loss_s, final_s, names_s), (init_p, loss_p, final_p, names_p) = runs["studio"], runs["peft"]
+    assert names_s == names_p and any(n.endswith("q_proj.lora_A.default.weight") for n in names_s)
     assert init_s.keys() == init_p.keys() == final_s.keys() and any("self_attn" in k for k in init_s)
     for k in init_s:
         assert torch.equal(init_s[k], init_p[k]), k

@@ -56,7 +56,8 @@ def apply_plan(model: nn.Module, plan: LoraPlan, adapter: str = "default", train
     targets = set(plan.linear_targets)
     missing = sorted(targets - {n for n, _ in model.named_modules()})
     if missing:
-        raise ModelError(f"LoRA targets {missing[:3]} are not modules of this model: was the plan built for another base?")
+        raise ModelError(f"LoRA targets {missing[:3]} are not modules of this model: was the plan built for "
+                         f"another base?")
     # in module order, as PEFT injected its layers: the factors' random draws come in the same order
     for path in [n for n, _ in model.named_modules() if n in targets]:
         parent_name, _, child = path.rpartition(".")

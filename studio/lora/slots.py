@@ -1,4 +1,5 @@
-"""Serving LoRA: preallocated slot buffers per LoRA layer and one per-forward batch object, as vLLM's punica wrapper.
+"""The LoRA layers, for training and serving, with slots: preallocated slot buffers per LoRA layer and one per-forward
+batch object for serving, as vLLM's punica wrapper; one trainable named slot per adapter for training.
 
 Owns: the slot layers (`SlotLinear` around a base linear, `ExpertSlots` beside a StudioExperts), the `LoraBatch`
 (token -> slot index, built once per forward on the device) and `LoraSlots`, which writes a saved PEFT adapter into
@@ -16,8 +17,12 @@ two batched matmuls over a zero-padded grid of all experts on the slot's buffers
 forward runs, while it has few tokens (decode), every token through the used slots' linear factors as one masked
 rank (two matmuls on views of the buffers), else sorts its tokens by slot once for all linears; its experts sort
 the (slot, expert) assignments once per MoE layer over the used slots lo..hi (a view of the buffers) and run grouped
-products. Nothing is rebuilt per adapter set and no PEFT code runs at serving time; training keeps PEFT's layers and
-`ExpertLora` (studio/lora/experts.py; saved by studio/lora/io.py), whose files these slots read.
+products. Nothing is rebuilt per adapter set and no PEFT code runs at serving time.
+
+Training (studio.lora.io.apply_plan) uses the same layers with one slot per named adapter, in PEFT's layout: a
+SlotLinear's `lora_A[name].weight` [r, in] / `lora_B[name].weight` [out, r] and ExpertSlots' trainable one-slot form
+(studio/lora/experts.py, lora_A [r*E, in] / lora_B [out, r*E]), parameters with the scaling kept apart, saved as
+plain PEFT files by studio/lora/io.py, which these serving slots read.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.errors import ModelError
+from studio.lora.experts import OneSlotExperts
 from studio.moe.experts import StudioExperts
 from studio.moe.grouped import GroupedExpertProjection, Routing
 
@@ -141,8 +147,8 @@ class SlotLinear(nn.Module):
     * named slots (`add_adapter`, studio.lora.io.apply_plan): one adapter's factors in PEFT's layout and init,
       lora_A[name].weight [r, in] (kaiming-uniform) and lora_B[name].weight [out, r] (zeros), as parameters that
       train, with the scaling kept apart from B (so Adam sees PEFT's parameters: the same lr trains the same) and
-      dropout on the LoRA input. One named slot is active at a time (`set_adapter`); while one is, it is applied
-      (the serving slots are not)."""
+      dropout on the LoRA input. One named slot is active at a time (`set_adapter`), applied while no serving
+      batch is active (serving rows take precedence, as in StudioExperts)."""
 
     def __init__(self, base_layer: nn.Module, batch: LoraBatch | None = None, max_slots: int = 0, rank: int = 0,
                  dtype: torch.dtype | None = None):
@@ -235,11 +241,9 @@ class SlotLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        if self.active_adapter is not None:
-            return self._named_forward(y, x)
         batch = self.batch
-        if batch is None or not batch.active:
-            return y
+        if batch is None or not batch.active:  # no serving rows (as in StudioExperts): the named slot, if any
+            return y if self.active_adapter is None else self._named_forward(y, x)
         if batch.uniform is not None:
             s = batch.uniform
             if not self.filled[s]:
@@ -321,10 +325,14 @@ def _expert_lora(routing: Routing, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     return d.view(e * cap, -1).index_select(0, idx)
 
 
-class ExpertSlots(nn.Module):
-    """Slot buffers of one StudioExperts module, per targeted fused projection: A [S, E, R, in], B [S, E, out, R]
-    (expert-major, scaled). Installed as `experts.lora_slots`; StudioExperts.forward hands over to `forward` when
-    the batch has LoRA rows."""
+class ExpertSlots(OneSlotExperts, nn.Module):
+    """LoRA slots of one StudioExperts module, in two forms:
+    * serving (this constructor): slot buffers per targeted fused projection, A [S, E, R, in], B [S, E, out, R]
+      (expert-major, scaled), installed as `experts.lora_slots`; StudioExperts.forward hands over to `forward` when
+      the batch has LoRA rows;
+    * trainable, one slot (`ExpertSlots.one_slot`, studio/lora/experts.py): one named adapter's factors in PEFT's
+      layout as parameters, held as `experts.adapters[name]` and applied by StudioExperts' grouped and eager paths
+      (the grouped one through GroupedExpertProjection's fused backward)."""
 
     def __init__(self, owner: StudioExperts, batch: LoraBatch, max_slots: int, rank: int, dtype: torch.dtype):
         super().__init__()
