@@ -249,3 +249,40 @@ def test_slot_linear_trains_and_saves_exactly_as_peft_layers(tmp_path):
     assert saved.keys() == final_p.keys()
     for k, v in saved.items():
         assert v.dtype == torch.float32 and torch.equal(v, final_p[k].float()), k
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_slot_linear_named_slot_is_peft_lora_linear(use_rslora):
+    """SlotLinear's named slot against PEFT's lora.Linear on the same nn.Linear: same init from the same seed, same
+    output with dropout in training, same gradients, rank-stabilised scaling included; off when deactivated."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from studio.lora.slots import SlotLinear
+
+    base = nn.Linear(12, 10)
+    torch.manual_seed(0)
+    ours = SlotLinear(copy.deepcopy(base))
+    ours.add_adapter("a", r=4, alpha=16, dropout=0.3, use_rslora=use_rslora)
+    ours.set_adapter("a")
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.3, use_rslora=use_rslora)
+    theirs = PeftLinear(copy.deepcopy(base), "a", config, r=4, lora_alpha=16)
+    assert torch.equal(ours.lora_A["a"].weight, theirs.lora_A["a"].weight)
+    with torch.no_grad():  # a non-zero B so that the LoRA term (and its scaling) shows in the output
+        b = torch.randn(10, 4)
+        ours.lora_B["a"].weight.copy_(b)
+        theirs.lora_B["a"].weight.copy_(b)
+    x = torch.randn(3, 5, 12)
+    outs = []
+    for layer in (ours, theirs):
+        layer.train()
+        torch.manual_seed(1)
+        y = layer(x)
+        y.pow(2).sum().backward()
+        outs.append((y.detach(), layer.lora_A["a"].weight.grad, layer.lora_B["a"].weight.grad))
+    for mine, peft in zip(*outs):
+        assert torch.equal(mine, peft)
+    assert not torch.allclose(outs[0][0], base(x))
+    ours.set_adapter(None)
+    assert torch.equal(ours(x), base(x))

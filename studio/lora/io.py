@@ -2,9 +2,9 @@
 
 Linear targets (attention, shared experts, dense MLP) are wrapped in the studio's SlotLinear (studio/lora/slots.py,
 the layer serving uses too; here one named slot per adapter, PEFT's layout and init); routed experts get an
-ExpertLora (studio/lora/experts.py) on their StudioExperts. Saved adapters are plain PEFT artifacts:
-`adapter_config.json` (`target_modules` + `target_parameters`) and `adapter_model.safetensors`, loadable by
-`peft.PeftModel.from_pretrained` on the unquantized base, plus `studio_adapter.json` metadata.
+ExpertSlots in its trainable one-slot form (studio/lora/experts.py) on their StudioExperts. Saved adapters are plain
+PEFT artifacts: `adapter_config.json` (`target_modules` + `target_parameters`) and `adapter_model.safetensors`,
+loadable by `peft.PeftModel.from_pretrained` on the unquantized base, plus `studio_adapter.json` metadata.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter
 
 
 def _expert_entries(model: nn.Module, adapter: str) -> dict[str, tuple]:
-    """PEFT-format key -> (ExpertLora, fused parameter name, "A" | "B") for one adapter's routed-expert factors."""
+    """PEFT-format key -> (one-slot ExpertSlots, fused parameter name, "A" | "B") for one adapter's routed-expert
+    factors."""
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, StudioExperts) and adapter in module.adapters:
