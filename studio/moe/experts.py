@@ -19,7 +19,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from studio.lora.experts import ExpertLora  # noqa: F401  (the old import path of the trainable form)
 from studio.moe.grouped import DEFAULT_WORKSPACE_BYTES, GroupedExpertProjection, Routing
 
 EXPERTS_IMPLS = ("grouped", "eager")
