@@ -1,5 +1,5 @@
 """Serving LoRA slots (studio/lora/slots.py) on all six families: slot buffers compute the saved PEFT adapter's
-function (oracle: the adapter loaded with PEFT's layers), mixed-adapter batches through the engine give the greedy
+function (oracle: the adapter loaded as a named, trainable-form slot, which tests/test_moe_lora.py ties to plain PEFT), mixed-adapter batches through the engine give the greedy
 outputs of per-adapter runs, and resident memory is the base plus one fixed set of slot buffers."""
 
 import gc
@@ -30,7 +30,7 @@ def test_mixed_batches_equal_per_adapter_runs_and_peft(name, tmp_path):
         registry.register(dirs[domain], domain)
     ids = torch.randint(6, 2000, (4, 9), generator=torch.Generator().manual_seed(0))
     rows = ["law", None, "med", "code"]
-    # the oracle: each saved adapter on PEFT's layers and the trainable ExpertLora, one at a time
+    # the oracle: each saved adapter as a named slot (the layers' trainable form, as training uses them), one at a time
     peft = {}
     with torch.no_grad():
         peft[None] = maker.model(input_ids=ids).logits
@@ -229,3 +229,32 @@ def test_grid_pays_for_decode_routing_and_not_for_skewed_or_sparse_routing():
     assert not _grid_pays(sparse, experts, a, b)
     dense = Routing(torch.arange(experts).view(-1, 2), experts, "padded")  # every group hit
     assert _grid_pays(dense, experts, a, b)
+
+
+def test_named_slots_and_serving_slots_share_the_layers(tmp_path):
+    """One model, one set of LoRA layers: an adapter loaded as a named slot (training's form) and the same files
+    written into a serving slot give the same logits, and LoraSlots adds its buffers to the SlotLinear that
+    apply_plan made instead of wrapping it again."""
+    from studio.lora.slots import ExpertSlots, LoraSlots, SlotLinear
+    from studio.moe.experts import StudioExperts
+
+    loaded = load_base("tiny-moe", QuantSpec("4bit"))
+    adapter = save_random_adapter(loaded, tmp_path / "law", "law", seed=3, targets="attention,experts", r=4)
+    plan = load_adapter(loaded.model, adapter, "law")
+    ids = torch.randint(6, 2000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        set_active_adapter(loaded.model, "law")
+        named = loaded.model(input_ids=ids).logits
+        set_active_adapter(loaded.model, None)
+        bare = loaded.model(input_ids=ids).logits
+    layer = loaded.model.get_submodule(plan.linear_targets[0])
+    assert isinstance(layer, SlotLinear) and "law" in layer.lora_A
+    experts = loaded.model.get_submodule(next(iter(plan.expert_targets)))
+    assert isinstance(experts, StudioExperts) and isinstance(experts.adapters["law"], ExpertSlots)
+    slots = LoraSlots(loaded.model, max_slots=2, rank=4)
+    slots.load(1, adapter)
+    assert loaded.model.get_submodule(plan.linear_targets[0]) is layer and layer.slot_A.shape[0] == 2
+    with torch.no_grad(), slots.rows([1, None]):
+        served = loaded.model(input_ids=ids).logits
+    assert (named - bare).abs().max() > 1e-2
+    assert (served[0] - named[0]).abs().max() < 1e-4 and (served[1] - bare[1]).abs().max() < 1e-4

@@ -178,3 +178,111 @@ def test_bad_plans_and_bases_give_specific_errors(tmp_path):
     load_tokenizer().save_pretrained(tmp_path / "dense")
     with pytest.raises(ModelError, match="dense"):
         load_base(str(tmp_path / "dense"), QuantSpec("none"))
+
+
+def test_slot_linear_trains_and_saves_exactly_as_peft_layers(tmp_path):
+    """apply_plan's linear LoRA (studio SlotLinear, one named slot) against PEFT's own layers injected the way the
+    studio did before: from the same seed, the same initial factors, the same losses and factors after AdamW steps
+    with dropout (bit for bit: same ops in the same order), and a saved file holding the same keys and tensors."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    from studio.lora.slots import SlotLinear
+
+    settings = LoraSettings(r=4, alpha=8, dropout=0.1)
+    runs = {}
+    for impl in ("studio", "peft"):
+        loaded = load_base("tiny-qwen2-moe", QuantSpec("4bit"))  # attention and shared experts are bnb Linear4bit
+        model = loaded.model
+        plan = build_plan(model, loaded.arch, loaded.components, "attention,shared_experts,experts", settings)
+        torch.manual_seed(0)
+        if impl == "studio":
+            apply_plan(model, plan, "default")
+            assert all(isinstance(model.get_submodule(p), SlotLinear) for p in plan.linear_targets)
+            live = adapter_parameters(model, "default")
+        else:  # what apply_plan did before: PEFT's layers on the decoder-layer list, same settings
+            layers = "model.layers"
+            cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                             target_modules=[t[len(layers) + 1:] for t in plan.linear_targets])
+            inject_adapter_in_model(cfg, model.get_submodule(layers), adapter_name="default")
+            for path, params in plan.expert_targets.items():
+                model.get_submodule(path).add_adapter("default", 4, 8, 0.1, tuple(params))
+            for p in model.parameters():
+                p.requires_grad_(False)
+            live = {}
+            for name, m in model.named_modules():
+                if isinstance(m, LoraLayer):
+                    live[f"base_model.model.{name}.lora_A.weight"] = m.lora_A["default"].weight
+                    live[f"base_model.model.{name}.lora_B.weight"] = m.lora_B["default"].weight
+            live.update({k: v for k, v in adapter_parameters(model, "default").items() if "experts" in k})
+            for p in live.values():
+                p.requires_grad_(True)
+        initial = {k: v.detach().clone() for k, v in live.items()}
+        # the trainable parameters' names and order: what optimizer.pt (by position) and FSDP2's distributed
+        # optimizer checkpoints (by name) are keyed by, so checkpoints made with PEFT's layers resume
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        x = _tokens(2, 16)
+        model.train()
+        losses = []
+        torch.manual_seed(1)
+        for _ in range(3):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs[impl] = (initial, losses, {k: v.detach().clone() for k, v in live.items()}, names)
+        if impl == "studio":
+            out = save_adapter(model, plan, tmp_path / "studio", base_id="tiny-qwen2-moe")
+            saved = load_file(str(out / "adapter_model.safetensors"))
+    (init_s, loss_s, final_s, names_s), (init_p, loss_p, final_p, names_p) = runs["studio"], runs["peft"]
+    assert names_s == names_p and any(n.endswith("q_proj.lora_A.default.weight") for n in names_s)
+    assert init_s.keys() == init_p.keys() == final_s.keys() and any("self_attn" in k for k in init_s)
+    for k in init_s:
+        assert torch.equal(init_s[k], init_p[k]), k
+    assert loss_s == loss_p and loss_s[-1] < loss_s[0], (loss_s, loss_p)
+    for k in final_s:
+        assert torch.equal(final_s[k], final_p[k]), k
+        assert not torch.equal(final_s[k], init_s[k]), k  # every factor trained
+    assert saved.keys() == final_p.keys()
+    for k, v in saved.items():
+        assert v.dtype == torch.float32 and torch.equal(v, final_p[k].float()), k
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_slot_linear_named_slot_is_peft_lora_linear(use_rslora):
+    """SlotLinear's named slot against PEFT's lora.Linear on the same nn.Linear: same init from the same seed, same
+    output with dropout in training, same gradients, rank-stabilised scaling included; off when deactivated."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from studio.lora.slots import SlotLinear
+
+    base = nn.Linear(12, 10)
+    torch.manual_seed(0)
+    ours = SlotLinear(copy.deepcopy(base))
+    ours.add_adapter("a", r=4, alpha=16, dropout=0.3, use_rslora=use_rslora)
+    ours.set_adapter("a")
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.3, use_rslora=use_rslora)
+    theirs = PeftLinear(copy.deepcopy(base), "a", config, r=4, lora_alpha=16)
+    assert torch.equal(ours.lora_A["a"].weight, theirs.lora_A["a"].weight)
+    with torch.no_grad():  # a non-zero B so that the LoRA term (and its scaling) shows in the output
+        b = torch.randn(10, 4)
+        ours.lora_B["a"].weight.copy_(b)
+        theirs.lora_B["a"].weight.copy_(b)
+    x = torch.randn(3, 5, 12)
+    outs = []
+    for layer in (ours, theirs):
+        layer.train()
+        torch.manual_seed(1)
+        y = layer(x)
+        y.pow(2).sum().backward()
+        outs.append((y.detach(), layer.lora_A["a"].weight.grad, layer.lora_B["a"].weight.grad))
+    for mine, peft in zip(*outs):
+        assert torch.equal(mine, peft)
+    assert not torch.allclose(outs[0][0], base(x))
+    ours.set_adapter(None)
+    assert torch.equal(ours(x), base(x))

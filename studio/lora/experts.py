@@ -1,10 +1,11 @@
-"""Trainable LoRA of fused routed experts: `ExpertLora`, one adapter's per-expert factors in PEFT's
-`target_parameters` layout (optionally over a selection of experts), held by a StudioExperts (studio/moe/experts.py).
+"""The trainable one-slot form of ExpertSlots (studio/lora/slots.py): one adapter's per-expert factors in PEFT's
+`target_parameters` layout (optionally over a selection of experts), held by a StudioExperts as `adapters[name]`.
 
-Owns the factors, their PEFT layout (expand / compact for expert selections) and the forms the expert products read
-(per-expert factors for the eager loop, the hit experts' factors for the grouped path, cached scaled copies for
-inference). The quantized expert weights and the forward stay in studio/moe/experts.py; serving reads saved adapters
-into slot buffers instead (studio/lora/slots.py). Written by hand: PEFT's ParamWrapper cannot wrap a quantized
+Owns that form's factors, their PEFT layout (expand / compact for expert selections) and the forms the expert products
+read (per-expert factors for the eager loop, the hit experts' factors for the grouped path through
+GroupedExpertProjection's fused backward, cached scaled copies in the serving slot layout for inference). The serving
+form (stacked slot buffers, mixed batches) is the rest of ExpertSlots in studio/lora/slots.py; the quantized expert
+weights and the forward stay in studio/moe/experts.py. Written by hand: PEFT's ParamWrapper cannot wrap a quantized
 tensor, re-materialises W + BA for the whole expert stack and refuses dropout.
 """
 
@@ -40,20 +41,37 @@ class _SlotGather(torch.autograd.Function):
         return out, None, None, None
 
 
-class ExpertLora(nn.Module):
-    """One adapter's factors for every targeted fused parameter, in PEFT's `target_parameters` layout:
-    lora_A [r*E, in] (expert-major rows), lora_B [out, r*E] (rank-major columns).
+def ExpertLora(layouts: dict[str, tuple[int, int, int]], r: int, alpha: float, dropout: float = 0.0,
+               use_rslora: bool = False, experts: list[int] | None = None):
+    """The old name of ExpertSlots' trainable one-slot form (`ExpertSlots.one_slot`), kept for callers."""
+    from studio.lora.slots import ExpertSlots
+
+    return ExpertSlots.one_slot(layouts, r, alpha, dropout, use_rslora, experts)
+
+
+class OneSlotExperts:
+    """ExpertSlots' trainable one-slot form (mixed into ExpertSlots; built by `ExpertSlots.one_slot`): one adapter's
+    factors for every targeted fused parameter, in PEFT's `target_parameters` layout: lora_A [r*E, in] (expert-major
+    rows), lora_B [out, r*E] (rank-major columns), trainable parameters whose dim 0 FSDP2 shards (a leading slot dim
+    of size 1 would not shard), the scaling kept apart from B.
 
     With `experts` (expert-specialised fine-tuning, studio/experts/), factors exist only for those expert ids, in
     the same layout over S = len(experts) slots (lora_A [r*S, in], lora_B [out, r*S]): the other experts get no
     parameters, hence no gradients and no optimizer state, and no LoRA compute in the eager path. `expand` maps the
     factors back to PEFT's full layout (zeros for the unselected experts) when an adapter is saved."""
 
-    def __init__(self, layouts: dict[str, tuple[int, int, int]], r: int, alpha: float, dropout: float = 0.0,
+    @classmethod
+    def one_slot(cls, layouts: dict[str, tuple[int, int, int]], r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, experts: list[int] | None = None):
-        super().__init__()
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._init_one_slot(layouts, r, alpha, dropout, use_rslora, experts)
+        return self
+
+    def _init_one_slot(self, layouts, r, alpha, dropout, use_rslora, experts) -> None:
         if r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        self.batch, self.max_slots = None, 1  # no serving batch: this form applies to every row it is active for
         self.r, self.alpha, self.num_experts = r, alpha, None
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_A = nn.ParameterDict()
@@ -78,6 +96,7 @@ class ExpertLora(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default init for lora_A
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(fan_out, r * slots))
+        self.filled = {name: [True] for name in layouts}
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._inference_cache: dict = {}
 
@@ -184,12 +203,12 @@ class ExpertLora(nn.Module):
     def train(self, mode: bool = True):
         # Fused AdamW updates parameters without bumping their version counter, so the inference cache is also
         # dropped on every train()/eval() switch (the trainer calls model.eval() before each evaluation).
-        self._inference_cache.clear()
+        getattr(self, "_inference_cache", {}).clear()
         return super().train(mode)
 
     def inference_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-expert contiguous factors for inference: A [E, r, in] and scaling * B as [E, out, r] (zeros for
-        experts outside an expert selection, so mixed batches stack them like any adapter's).
+        experts outside an expert selection): this adapter as one serving slot, the layout of the slot buffers.
 
         lora_B's expert slice is strided (PEFT's rank-major column layout), which makes every small matmul copy
         it; serving builds the contiguous copy once and rebuilds it when the parameters change (their version

@@ -1,9 +1,10 @@
 """Attach, save and load LoRA adapters on a studio-loaded base.
 
-Linear targets (attention, shared experts, dense MLP) use PEFT's LoRA layers (bitsandbytes-aware); routed
-experts get an ExpertLora (studio/lora/experts.py) on their StudioExperts. Saved adapters are plain PEFT artifacts:
-`adapter_config.json` (`target_modules` + `target_parameters`) and `adapter_model.safetensors`, loadable by
-`peft.PeftModel.from_pretrained` on the unquantized base, plus `studio_adapter.json` metadata.
+Linear targets (attention, shared experts, dense MLP) are wrapped in the studio's SlotLinear (studio/lora/slots.py,
+the layer serving uses too; here one named slot per adapter, PEFT's layout and init); routed experts get an
+ExpertSlots in its trainable one-slot form (studio/lora/experts.py) on their StudioExperts. Saved adapters are plain
+PEFT artifacts: `adapter_config.json` (`target_modules` + `target_parameters`) and `adapter_model.safetensors`,
+loadable by `peft.PeftModel.from_pretrained` on the unquantized base, plus `studio_adapter.json` metadata.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from studio.errors import ModelError
-from studio.moe.arch import decoder_layers
 from studio.moe.experts import StudioExperts
 from studio.lora.plan import LoraPlan, LoraSettings
 
@@ -27,10 +27,10 @@ METADATA_FILE = "studio_adapter.json"
 
 
 def _lora_layers(model: nn.Module):
-    from peft.tuners.lora import LoraLayer
+    from studio.lora.slots import SlotLinear
 
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, SlotLinear):
             yield name, module
 
 
@@ -50,21 +50,25 @@ def _peft_config(plan: LoraPlan, base_id: str | None, inference: bool):
 
 def apply_plan(model: nn.Module, plan: LoraPlan, adapter: str = "default", trainable: bool = True) -> None:
     """Add adapter `adapter` to the model as planned (LoRA B starts at zero: the model is unchanged)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from studio.lora.slots import SlotLinear
 
     s = plan.settings
-    if plan.linear_targets:
-        # Inject on the decoder-layer list, not the transformers model: PEFT rewrites `gate_proj`/`up_proj`/
-        # `down_proj` targets of models with a config into fused-expert targets (its v4->v5 conversion), which
-        # would silently drop shared-expert and dense-MLP LoRA. The layer list has no config, so names stay as is.
-        layers_path = decoder_layers(model)[0][0].rsplit(".", 1)[0]
-        outside = [t for t in plan.linear_targets if not t.startswith(layers_path + ".")]
-        if outside:
-            raise ModelError(f"LoRA targets outside the decoder layers are not supported: {outside[:3]}")
-        cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, use_rslora=s.use_rslora,
-                         target_modules=[t[len(layers_path) + 1:] for t in plan.linear_targets],
-                         inference_mode=not trainable)
-        inject_adapter_in_model(cfg, model.get_submodule(layers_path), adapter_name=adapter)
+    targets = set(plan.linear_targets)
+    missing = sorted(targets - {n for n, _ in model.named_modules()})
+    if missing:
+        raise ModelError(f"LoRA targets {missing[:3]} are not modules of this model: was the plan built for "
+                         f"another base?")
+    # in module order, as PEFT injected its layers: the factors' random draws come in the same order
+    for path in [n for n, _ in model.named_modules() if n in targets]:
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, child)
+        if not isinstance(layer, SlotLinear):
+            if not hasattr(layer, "in_features"):
+                raise ModelError(f"LoRA target {path} is not a linear layer ({type(layer).__name__})")
+            layer = SlotLinear(layer)
+            setattr(parent, child, layer)
+        layer.add_adapter(adapter, s.r, s.alpha, s.dropout, s.use_rslora)
     for path, params in plan.expert_targets.items():
         experts = model.get_submodule(path)
         if not isinstance(experts, StudioExperts):
@@ -95,7 +99,8 @@ def adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter
 
 
 def _expert_entries(model: nn.Module, adapter: str) -> dict[str, tuple]:
-    """PEFT-format key -> (ExpertLora, fused parameter name, "A" | "B") for one adapter's routed-expert factors."""
+    """PEFT-format key -> (one-slot ExpertSlots, fused parameter name, "A" | "B") for one adapter's routed-expert
+    factors."""
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, StudioExperts) and adapter in module.adapters:
@@ -167,11 +172,7 @@ def adapter_state(model: nn.Module, plan: LoraPlan, adapter: str = "default") ->
 def set_active_adapter(model: nn.Module, adapter: str | None) -> None:
     """Route every LoRA layer to `adapter` (None: the bare base)."""
     for _, module in _lora_layers(model):
-        if adapter is None or adapter not in module.lora_A:
-            module.enable_adapters(False)
-        else:
-            module.enable_adapters(True)
-            module.set_adapter(adapter)
+        module.set_adapter(adapter)
     for module in model.modules():
         if isinstance(module, StudioExperts):
             module.active_adapters = [adapter] if adapter in module.adapters else []
@@ -179,8 +180,7 @@ def set_active_adapter(model: nn.Module, adapter: str | None) -> None:
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
     for _, module in _lora_layers(model):
-        if adapter in module.lora_A:
-            module.delete_adapter(adapter)
+        module.delete_adapter(adapter)
     for module in model.modules():
         if isinstance(module, StudioExperts):
             module.delete_adapter(adapter)

@@ -1,4 +1,5 @@
-"""Serving LoRA: preallocated slot buffers per LoRA layer and one per-forward batch object, as vLLM's punica wrapper.
+"""The LoRA layers, for training and serving, with slots: preallocated slot buffers per LoRA layer and one per-forward
+batch object for serving, as vLLM's punica wrapper; one trainable named slot per adapter for training.
 
 Owns: the slot layers (`SlotLinear` around a base linear, `ExpertSlots` beside a StudioExperts), the `LoraBatch`
 (token -> slot index, built once per forward on the device) and `LoraSlots`, which writes a saved PEFT adapter into
@@ -16,8 +17,12 @@ two batched matmuls over a zero-padded grid of all experts on the slot's buffers
 forward runs, while it has few tokens (decode), every token through the used slots' linear factors as one masked
 rank (two matmuls on views of the buffers), else sorts its tokens by slot once for all linears; its experts sort
 the (slot, expert) assignments once per MoE layer over the used slots lo..hi (a view of the buffers) and run grouped
-products. Nothing is rebuilt per adapter set and no PEFT code runs at serving time; training keeps PEFT's layers and
-`ExpertLora` (studio/lora/experts.py; saved by studio/lora/io.py), whose files these slots read.
+products. Nothing is rebuilt per adapter set and no PEFT code runs at serving time.
+
+Training (studio.lora.io.apply_plan) uses the same layers with one slot per named adapter, in PEFT's layout: a
+SlotLinear's `lora_A[name].weight` [r, in] / `lora_B[name].weight` [out, r] and ExpertSlots' trainable one-slot form
+(studio/lora/experts.py, lora_A [r*E, in] / lora_B [out, r*E]), parameters with the scaling kept apart, saved as
+plain PEFT files by studio/lora/io.py, which these serving slots read.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.errors import ModelError
+from studio.lora.experts import OneSlotExperts
 from studio.moe.experts import StudioExperts
 from studio.moe.grouped import GroupedExpertProjection, Routing
 
@@ -122,75 +128,154 @@ def _grow(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
 DENSE_MIXED_MACS = 2 ** 22
 
 
-class SlotLinear(nn.Module):
-    """A base linear (nn.Linear, bitsandbytes Linear4bit/8bit) plus slot LoRA: y = base(x) + B[s] (A[s] x)."""
+class _Factor(nn.Module):
+    """One trainable LoRA factor, held as `.weight` so that its name is PEFT's (`lora_A.<adapter>.weight`): the
+    checkpoint keys, optimizer state names (FSDP2's distributed checkpoints are keyed by them) and saved files stay
+    what they were with PEFT's layers."""
 
-    def __init__(self, base_layer: nn.Module, batch: LoraBatch, max_slots: int, rank: int, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+class SlotLinear(nn.Module):
+    """A base linear (nn.Linear, bitsandbytes Linear4bit/8bit) plus LoRA slots: y = base(x) + B[s] (A[s] x).
+
+    Two kinds of slot, one layer (training and serving share it):
+    * serving slots (`enable_slots`, written by LoraSlots from saved files): stacked buffers slot_A [S, R, in] and
+      slot_B [S, R, out], scaling folded into B, the slot of every row read from the LoraBatch;
+    * named slots (`add_adapter`, studio.lora.io.apply_plan): one adapter's factors in PEFT's layout and init,
+      lora_A[name].weight [r, in] (kaiming-uniform) and lora_B[name].weight [out, r] (zeros), as parameters that
+      train, with the scaling kept apart from B (so Adam sees PEFT's parameters: the same lr trains the same) and
+      dropout on the LoRA input. One named slot is active at a time (`set_adapter`), applied while no serving
+      batch is active (serving rows take precedence, as in StudioExperts)."""
+
+    def __init__(self, base_layer: nn.Module, batch: LoraBatch | None = None, max_slots: int = 0, rank: int = 0,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.base_layer = base_layer
-        self.batch = batch
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        device = next(base_layer.parameters()).device
-        self.register_buffer("lora_A", torch.zeros(max_slots, rank, self.in_features, dtype=dtype, device=device))
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.batch = None
+        self.register_buffer("slot_A", None)
+        self.register_buffer("slot_B", None)
+        self.filled: list[bool] = []
+        if max_slots:
+            self.enable_slots(batch, max_slots, rank, dtype)
+
+    # ---- named slots (training, single-adapter inference) ----
+    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False) -> None:
+        """A named slot with PEFT's initialisation. The random draws are PEFT's too (its update_layer builds two
+        nn.Linear, each initialised on construction, then re-initialises A), so a seeded run starts from the
+        same factors as it did with PEFT's layers."""
+        if adapter in self.lora_A:
+            raise ValueError(f"adapter {adapter!r} already exists on this layer")
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        weight = getattr(self.base_layer, "weight", None)
+        device = weight.device if weight is not None else next(self.base_layer.parameters()).device
+        # PEFT's dtype rule: the base weight's dtype when it is a float, float32 for quantized weights
+        dtype = weight.dtype if weight is not None and weight.dtype.is_floating_point else torch.float32
+        a = torch.empty(r, self.in_features)
+        b = torch.empty(self.out_features, r)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear(in, r)'s own init (PEFT's RNG stream) ...
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))  # ... nn.Linear(r, out)'s ...
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # ... and PEFT's reset of A; B starts at zero
+        b.zero_()
+        self.lora_A[adapter] = _Factor(a.to(device, dtype))
+        self.lora_B[adapter] = _Factor(b.to(device, dtype))
+        self.lora_dropout[adapter] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[adapter] = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def set_adapter(self, adapter: str | None) -> None:
+        """Apply named slot `adapter` from now on (None, or a name this layer does not have: none)."""
+        self.active_adapter = adapter if adapter in self.lora_A else None
+
+    def delete_adapter(self, adapter: str) -> None:
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            if adapter in d:
+                del d[adapter]
+        self.scaling.pop(adapter, None)
+        if self.active_adapter == adapter:
+            self.active_adapter = None
+
+    def _named_forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + s * B (A dropout(x)) for the active named slot (PEFT's lora.Linear forward, same order of ops)."""
+        n = self.active_adapter
+        a, b = self.lora_A[n].weight, self.lora_B[n].weight
+        d = F.linear(F.linear(self.lora_dropout[n](x.to(a.dtype)), a), b) * self.scaling[n]
+        return y + d.to(y.dtype)
+
+    # ---- serving slots ----
+    def enable_slots(self, batch: LoraBatch, max_slots: int, rank: int, dtype: torch.dtype) -> None:
+        """Allocate the serving slot buffers (zeros: every slot empty)."""
+        device = next(self.base_layer.parameters()).device
+        self.batch = batch
+        self.register_buffer("slot_A", torch.zeros(max_slots, rank, self.in_features, dtype=dtype, device=device))
         # B stored transposed, [S, R, out]: the slots lo..hi of a mixed batch are then one [n * R, out] view
-        self.register_buffer("lora_B", torch.zeros(max_slots, rank, self.out_features, dtype=dtype, device=device))
+        self.register_buffer("slot_B", torch.zeros(max_slots, rank, self.out_features, dtype=dtype, device=device))
         self.filled = [False] * max_slots  # slots whose adapter targets this layer
 
     def grow(self, rank: int) -> None:
-        s, _, i = self.lora_A.shape
-        self.lora_A = _grow(self.lora_A, (s, rank, i))
-        self.lora_B = _grow(self.lora_B, (s, rank, self.out_features))
+        s, _, i = self.slot_A.shape
+        self.slot_A = _grow(self.slot_A, (s, rank, i))
+        self.slot_B = _grow(self.slot_B, (s, rank, self.out_features))
 
     def write(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """a [r, in], b [out, r] already scaled."""
         r = a.shape[0]
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.lora_A[slot, :r] = a.to(self.lora_A.dtype)
-        self.lora_B[slot, :r] = b.t().to(self.lora_B.dtype)
+        self.slot_A[slot].zero_()
+        self.slot_B[slot].zero_()
+        self.slot_A[slot, :r] = a.to(self.slot_A.dtype)
+        self.slot_B[slot, :r] = b.t().to(self.slot_B.dtype)
         self.filled[slot] = True
 
     def clear(self, slot: int) -> None:
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
+        self.slot_A[slot].zero_()
+        self.slot_B[slot].zero_()
         self.filled[slot] = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         batch = self.batch
-        if not batch.active:
-            return y
+        if batch is None or not batch.active:  # no serving rows (as in StudioExperts): the named slot, if any
+            return y if self.active_adapter is None else self._named_forward(y, x)
         if batch.uniform is not None:
             s = batch.uniform
             if not self.filled[s]:
                 return y
-            xa = F.linear(x.to(self.lora_A.dtype), self.lora_A[s])
+            xa = F.linear(x.to(self.slot_A.dtype), self.slot_A[s])
             if y.dtype == xa.dtype:  # one fused kernel for the product and the sum (fewer ops: decode is op-bound)
-                return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), self.lora_B[s]).view_as(y)
-            return y + (xa @ self.lora_B[s]).to(y.dtype)
-        flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
+                return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), self.slot_B[s]).view_as(y)
+            return y + (xa @ self.slot_B[s]).to(y.dtype)
+        flat = x.reshape(-1, x.shape[-1]).to(self.slot_A.dtype)
         lo, hi = batch.slot_range
-        n, rank = hi - lo + 1, self.lora_A.shape[1]
+        n, rank = hi - lo + 1, self.slot_A.shape[1]
         if flat.shape[0] * n * rank * (self.in_features + self.out_features) <= DENSE_MIXED_MACS:
             # few tokens (decode): every token through the used slots' factors as one [n * R] rank, the columns of
             # the other slots zeroed by the batch's mask; two plain matmuls on views of the buffers, no sort
-            xa = F.linear(flat, self.lora_A[lo:hi + 1].reshape(n * rank, -1))
+            xa = F.linear(flat, self.slot_A[lo:hi + 1].reshape(n * rank, -1))
             xa.mul_(batch.slot_mask(flat.shape[0], rank, flat.device, flat.dtype))
-            b = self.lora_B[lo:hi + 1].reshape(n * rank, -1)
+            b = self.slot_B[lo:hi + 1].reshape(n * rank, -1)
             if y.dtype == xa.dtype:
                 return torch.addmm(y.reshape(-1, y.shape[-1]), xa, b).view_as(y)
             return y + (xa @ b).view(*y.shape[:-1], -1).to(y.dtype)
         routing = batch.linear_routing(flat.shape[0], flat.device, flat.dtype)
         if routing.groups == 0:
             return y
-        h = routing.mm(routing.gather_tokens(flat), routing.select(self.lora_A).transpose(1, 2))
-        d = routing.from_layout(routing.mm(h, routing.select(self.lora_B)))
+        h = routing.mm(routing.gather_tokens(flat), routing.select(self.slot_A).transpose(1, 2))
+        d = routing.from_layout(routing.mm(h, routing.select(self.slot_B)))
         out = y.reshape(-1, y.shape[-1])  # the base's fresh output, added to in place (inference only)
         out.index_add_(0, routing.slot, d.to(out.dtype))
         return out.view_as(y)
 
     def extra_repr(self) -> str:
-        return f"slots={self.lora_A.shape[0]}, rank={self.lora_A.shape[1]}"
+        serving = "" if self.slot_A is None else f"slots={self.slot_A.shape[0]}, rank={self.slot_A.shape[1]}, "
+        return f"{serving}adapters={list(self.lora_A)}"
 
 
 # Expert LoRA runs on a zero-padded [groups, cap] grid of all groups (experts, or (slot, expert) pairs) unless the
@@ -240,10 +325,14 @@ def _expert_lora(routing: Routing, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     return d.view(e * cap, -1).index_select(0, idx)
 
 
-class ExpertSlots(nn.Module):
-    """Slot buffers of one StudioExperts module, per targeted fused projection: A [S, E, R, in], B [S, E, out, R]
-    (expert-major, scaled). Installed as `experts.lora_slots`; StudioExperts.forward hands over to `forward` when
-    the batch has LoRA rows."""
+class ExpertSlots(OneSlotExperts, nn.Module):
+    """LoRA slots of one StudioExperts module, in two forms:
+    * serving (this constructor): slot buffers per targeted fused projection, A [S, E, R, in], B [S, E, out, R]
+      (expert-major, scaled), installed as `experts.lora_slots`; StudioExperts.forward hands over to `forward` when
+      the batch has LoRA rows;
+    * trainable, one slot (`ExpertSlots.one_slot`, studio/lora/experts.py): one named adapter's factors in PEFT's
+      layout as parameters, held as `experts.adapters[name]` and applied by StudioExperts' grouped and eager paths
+      (the grouped one through GroupedExpertProjection's fused backward)."""
 
     def __init__(self, owner: StudioExperts, batch: LoraBatch, max_slots: int, rank: int, dtype: torch.dtype):
         super().__init__()
@@ -366,8 +455,12 @@ class LoraSlots:
             base = getattr(parent, child)
             if not hasattr(base, "in_features"):
                 raise ModelError(f"{path} is not a linear layer; slot LoRA wraps linears and fused experts only")
-            layer = SlotLinear(base, self.batch, self.max_slots, self.rank, self.dtype)
-            setattr(parent, child, layer)
+            if isinstance(base, SlotLinear):  # already wrapped for named adapters (apply_plan): add serving slots
+                layer = base
+                layer.enable_slots(self.batch, self.max_slots, self.rank, self.dtype)
+            else:
+                layer = SlotLinear(base, self.batch, self.max_slots, self.rank, self.dtype)
+                setattr(parent, child, layer)
             self.linears[path] = layer
         return layer
 
@@ -440,7 +533,7 @@ class LoraSlots:
             for path in plan.linear_targets:
                 layer = self._linear(path)
                 a, b = weights[f"{PREFIX}{path}.lora_A.weight"], weights[f"{PREFIX}{path}.lora_B.weight"]
-                layer.write(slot, a.to(layer.lora_A.device), b.to(layer.lora_B.device) * scaling)
+                layer.write(slot, a.to(layer.slot_A.device), b.to(layer.slot_B.device) * scaling)
             for (path, name), key in expert_keys.items():
                 slots = self._experts(path)
                 e = slots.num_experts
@@ -472,7 +565,7 @@ class LoraSlots:
 
     def nbytes(self) -> int:
         """Bytes of every slot buffer (fixed once allocated: it does not depend on which adapters are mixed)."""
-        total = sum(m.lora_A.nbytes + m.lora_B.nbytes for m in self.linears.values())
+        total = sum(m.slot_A.nbytes + m.slot_B.nbytes for m in self.linears.values())
         for slots in self.experts.values():
             total += sum(p.nbytes for p in list(slots.lora_A.values()) + list(slots.lora_B.values()))
         return total

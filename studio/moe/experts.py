@@ -3,11 +3,12 @@
 Owns `StudioExperts`, which replaces a transformers fused-experts module (`mlp.experts` with 3D `gate_up_proj` /
 `down_proj`): the quantized storage (NF4/FP4/int8 per expert, `ExpertQuant`, `quantize_expert_stack`), dequantizing
 experts, and the forward (grouped path in studio/moe/grouped.py, eager per-expert loop as its reference), applying
-the adapters it holds. The trainable per-expert LoRA factors are `ExpertLora` in studio/lora/experts.py; serving
-slots are studio/lora/slots.py. Written by hand because neither bitsandbytes (quantizes only nn.Linear) nor PEFT
-(its `ParamWrapper` re-materialises W + BA for the whole expert stack, cannot wrap a quantized tensor and refuses
-dropout and mixed-adapter batches) covers it. It computes the same function as PEFT's `target_parameters` LoRA and
-stores its factors in the same layout, so saved adapters load with plain PEFT.
+the adapters it holds. Its LoRA layer is ExpertSlots (studio/lora/slots.py): named adapters in its trainable
+one-slot form (studio/lora/experts.py), serving slots in its stacked form. Written by hand because neither
+bitsandbytes (quantizes only nn.Linear) nor PEFT (its `ParamWrapper` re-materialises W + BA for the whole expert
+stack, cannot wrap a quantized tensor and refuses dropout and mixed-adapter batches) covers it. It computes the same
+function as PEFT's `target_parameters` LoRA and stores its factors in the same layout, so saved adapters load with
+plain PEFT.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from studio.lora.experts import ExpertLora  # the trainable factors; also re-exported: the old import path
 from studio.moe.grouped import DEFAULT_WORKSPACE_BYTES, GroupedExpertProjection, Routing
 
 EXPERTS_IMPLS = ("grouped", "eager")
@@ -282,14 +282,17 @@ class StudioExperts(nn.Module):
 
     def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float = 0.0,
                     targets: tuple[str, ...] | None = None, use_rslora: bool = False,
-                    experts: list[int] | None = None) -> ExpertLora:
+                    experts: list[int] | None = None):
+        """A named adapter: ExpertSlots' trainable one-slot form (studio/lora/slots.py), as `adapters[adapter]`."""
+        from studio.lora.slots import ExpertSlots
+
         if adapter in self.adapters:
             raise ValueError(f"adapter {adapter!r} already exists on this experts module")
         unknown = set(targets or ()) - set(self.weight_names)
         if unknown:
             raise ValueError(f"unknown expert parameters {sorted(unknown)}; have {list(self.weight_names)}")
         device = next(iter(self.buffers()), next(iter(self.parameters()), torch.empty(0))).device
-        lora = ExpertLora(self.lora_layouts(targets), r, alpha, dropout, use_rslora, experts).to(device)
+        lora = ExpertSlots.one_slot(self.lora_layouts(targets), r, alpha, dropout, use_rslora, experts).to(device)
         self.adapters[adapter] = lora
         if not self.active_adapters:
             self.active_adapters = [adapter]
