@@ -41,14 +41,6 @@ class _SlotGather(torch.autograd.Function):
         return out, None, None, None
 
 
-def ExpertLora(layouts: dict[str, tuple[int, int, int]], r: int, alpha: float, dropout: float = 0.0,
-               use_rslora: bool = False, experts: list[int] | None = None):
-    """The old name of ExpertSlots' trainable one-slot form (`ExpertSlots.one_slot`), kept for callers."""
-    from studio.lora.slots import ExpertSlots
-
-    return ExpertSlots.one_slot(layouts, r, alpha, dropout, use_rslora, experts)
-
-
 class OneSlotExperts:
     """ExpertSlots' trainable one-slot form (mixed into ExpertSlots; built by `ExpertSlots.one_slot`): one adapter's
     factors for every targeted fused parameter, in PEFT's `target_parameters` layout: lora_A [r*E, in] (expert-major
