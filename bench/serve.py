@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=12, help="rows per batch (a multiple of 4 mixes evenly)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of each batch kind")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of each batch kind")
     p.add_argument("--switches", type=int, default=200, help="timed adapter switches")
     p.add_argument("--reloads", type=int, default=3, help="timed base reloads")
     p.add_argument("--layers", type=int, default=4)
