@@ -278,25 +278,21 @@ class SlotLinear(nn.Module):
         return f"{serving}adapters={list(self.lora_A)}"
 
 
-# Expert LoRA runs on a zero-padded [groups, cap] grid of all groups (experts, or (slot, expert) pairs) unless the
-# grouped products on the hit groups cost less (`_grid_pays`). Jagged routing (some expert gets many more rows than
-# the others) makes the grouped products a loop of small matmuls on the CPU, about this many multiply-adds of fixed
-# cost per group; a grid's padding is cheaper than that up to here. Measured at 2 threads on the bench's 16- and
-# 64-expert models (2026-12, `bench/serve.py`): decode grids (1-3M padding MACs) ran in 0.15-0.2 ms where the grouped
-# loop took 0.5-1.3 ms; a 64-expert prefill's grid (1.2M padding MACs per group) 3.0 ms against 4.5 ms.
+# Expert LoRA runs as two bmm over a zero-padded [hit groups, cap] grid (padded routing is that grid already) unless
+# jagged routing (some group far larger than the others) would make the grid mostly padding; then grouped products
+# (torch._grouped_mm, on the CPU a loop of small matmuls costing about this many multiply-adds per group) run instead.
+# Measured with bench/expert_lora_paths.py and on the bench/serve.py models' own decode routings (2026-12, 2 threads):
+# decode grids ran in 0.1-0.3 ms where the grouped loop took 0.5-1.3 ms; a 64-expert prefill's grid (1.2M padding
+# multiply-adds per group) 3.0 ms against 4.5 ms.
 GRID_MACS_PER_GROUP = 2 ** 21
 
 
-def _grid_pays(routing: Routing, groups_total: int, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `_expert_lora` should run on the grid of all `groups_total` groups rather than the hit ones.
-
-    Padded routing (every hit group has about cap rows): the alternative is one bmm over the hit groups after
-    gathering their factors, which costs about as much as the grid's padding groups once they are no more than the
-    hit ones (measured: a 3-slot mixed grid with a third of its groups hit took 0.35 ms, the gather and bmm 0.16).
-    Jagged routing: see GRID_MACS_PER_GROUP."""
+def _grid_pays(routing: Routing, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `_expert_lora` runs on the grid of the hit groups rather than on grouped products: always for padded
+    routing, for jagged routing while the grid's padding costs less than GRID_MACS_PER_GROUP per hit group."""
     if routing.layout == "padded":
-        return 2 * routing.groups >= groups_total
-    padding_macs = (groups_total * routing.cap - routing.rows) * (a.shape[-1] + b.shape[1]) * a.shape[1]
+        return True
+    padding_macs = (routing.groups * routing.cap - routing.rows) * (a.shape[-1] + b.shape[1]) * a.shape[1]
     return padding_macs <= GRID_MACS_PER_GROUP * routing.groups
 
 
@@ -305,24 +301,20 @@ def _expert_lora(routing: Routing, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     pair in a mixed batch), in the same layout (inference only); a [groups, R, in], b [groups, out, R] hold the
     factors of every group `routing` can hit.
 
-    Two batched matmuls over a zero-padded [groups, cap] grid use the slot buffers in place. The grouped alternative
-    gathers the hit groups' factors (most of a slot, copied for every projection) and on the CPU runs
-    torch._grouped_mm as a loop over the groups; at decode sizes (a few rows per expert) those cost more than the
-    products did and made a single-adapter batch at 64 experts top-8 slower than a mixed one. The grid's zero rows
-    cost only LoRA-rank flops."""
-    e, cap = a.shape[0], routing.cap
-    if not _grid_pays(routing, e, a, b):
-        xa = routing.mm(x, routing.select(a).transpose(1, 2))
-        return routing.mm(xa, routing.select(b).transpose(1, 2))
-    if routing.layout == "padded":  # x [G, cap, in]: whole groups move into the grid
-        every = routing.groups == e
-        grid = x if every else x.new_zeros(e, cap, x.shape[-1]).index_copy_(0, routing.hit, x)
-        d = torch.bmm(torch.bmm(grid, a.transpose(1, 2)), b.transpose(1, 2))
-        return d if every else d.index_select(0, routing.hit)
-    idx = routing.grid_index()  # jagged: x [rows, in], rows sorted by group
-    grid = x.new_zeros(e * cap, x.shape[-1]).index_copy_(0, idx, x)
-    d = torch.bmm(torch.bmm(grid.view(e, cap, -1), a.transpose(1, 2)), b.transpose(1, 2))
-    return d.view(e * cap, -1).index_select(0, idx)
+    The hit groups' factors are gathered (a view when every group is hit) and the rows go through them as two
+    batched matmuls over a zero-padded [hit groups, cap] grid. A grid over all groups would use the slot buffers in
+    place, without the gather, but its unhit groups' factors and zero rows cost more than the gather did
+    (bench/expert_lora_paths.py: 1.15-1.5x slower at 12 of 16 and 48 of 64 experts hit, cold caches)."""
+    a, b = routing.select(a), routing.select(b)
+    if routing.layout == "padded":  # x [G, cap, in] is the grid
+        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+    if not _grid_pays(routing, a, b):  # skewed: grouped products on the jagged rows
+        return routing.mm(routing.mm(x, a.transpose(1, 2)), b.transpose(1, 2))
+    g, cap = routing.groups, routing.cap
+    idx = routing.grid_index()  # x [rows, in], rows sorted by group
+    grid = x.new_zeros(g * cap, x.shape[-1]).index_copy_(0, idx, x)
+    d = torch.bmm(torch.bmm(grid.view(g, cap, -1), a.transpose(1, 2)), b.transpose(1, 2))
+    return d.view(g * cap, -1).index_select(0, idx)
 
 
 class ExpertSlots(OneSlotExperts, nn.Module):

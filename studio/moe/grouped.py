@@ -130,13 +130,11 @@ class Routing:
         return torch.arange(self.rows, device=self.hit.device) - self._first_row[self.group_of_row]
 
     def grid_index(self) -> torch.Tensor:
-        """[rows] each sorted row's place in a zero-padded [num_experts, cap] grid over ALL experts (the unhit ones
-        get zero rows), so that per-expert tensors [E, ...] are used in place, with no gather of the hit experts'."""
+        """[rows] each sorted row's place in a zero-padded [groups, cap] grid of the hit groups (the padded layout's
+        own index; for jagged rows, the grid that per-group batched matmuls run on)."""
         if self._grid_index is None:
-            if self.layout == "padded" and self.groups == self.num_experts:
-                self._grid_index = self.pad_index
-            else:
-                self._grid_index = self.hit[self.group_of_row] * self.cap + self.rank_in_group()
+            self._grid_index = (self.pad_index if self.layout == "padded"
+                                else self.group_of_row * self.cap + self.rank_in_group())
         return self._grid_index
 
     # ---- moving rows in and out of the layout ----
