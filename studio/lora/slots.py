@@ -13,11 +13,11 @@ a slot and clears it. It does not decide which adapter lives in which slot: the 
 Every linear holds A [S, R, in] and B^T [S, R, out], every experts module A [S, E, R, in] and B [S, E, out, R], for
 S = max_slots at the largest rank R seen so far, LoRA scaling folded into B, smaller ranks zero-padded (zero columns
 add nothing). A forward where every row uses one slot runs two plain matmuls per linear, and per expert projection
-two batched matmuls over a zero-padded grid of all experts on the slot's buffers in place (`_expert_lora`). A mixed
-forward runs, while it has few tokens (decode), every token through the used slots' linear factors as one masked
-rank (two matmuls on views of the buffers), else sorts its tokens by slot once for all linears; its experts sort
-the (slot, expert) assignments once per MoE layer over the used slots lo..hi (a view of the buffers) and run grouped
-products. Nothing is rebuilt per adapter set and no PEFT code runs at serving time.
+two batched matmuls over a zero-padded grid of the hit experts, their factors gathered from the slot's buffers
+(`_expert_lora`; grouped products for skewed routing). A mixed forward runs, while it has few tokens (decode), every
+token through the used slots' linear factors as one masked rank (two matmuls on views of the buffers), else sorts its
+tokens by slot once for all linears; its experts sort the (slot, expert) assignments once per MoE layer over the used
+slots lo..hi (a view of the buffers) and run the same grid on the hit (slot, expert) groups. Nothing is rebuilt per adapter set and no PEFT code runs at serving time.
 
 Training (studio.lora.io.apply_plan) uses the same layers with one slot per named adapter, in PEFT's layout: a
 SlotLinear's `lora_A[name].weight` [r, in] / `lora_B[name].weight` [out, r] and ExpertSlots' trainable one-slot form
