@@ -226,3 +226,32 @@ def test_grid_pays_for_decode_routing_and_not_for_skewed_routing():
     skewed = Routing(skewed_index, experts, "jagged")
     assert not _grid_pays(skewed, a, b)
     assert _grid_pays(Routing(torch.tensor([[1, 2], [2, 1], [1, 2]]), experts, "padded"), a, b)
+
+
+def test_named_slots_and_serving_slots_share_the_layers(tmp_path):
+    """One model, one set of LoRA layers: an adapter loaded as a named slot (training's form) and the same files
+    written into a serving slot give the same logits, and LoraSlots adds its buffers to the SlotLinear that
+    apply_plan made instead of wrapping it again."""
+    from studio.lora.slots import ExpertSlots, LoraSlots, SlotLinear
+    from studio.moe.experts import StudioExperts
+
+    loaded = load_base("tiny-moe", QuantSpec("4bit"))
+    adapter = save_random_adapter(loaded, tmp_path / "law", "law", seed=3, targets="attention,experts", r=4)
+    plan = load_adapter(loaded.model, adapter, "law")
+    ids = torch.randint(6, 2000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        set_active_adapter(loaded.model, "law")
+        named = loaded.model(input_ids=ids).logits
+        set_active_adapter(loaded.model, None)
+        bare = loaded.model(input_ids=ids).logits
+    layer = loaded.model.get_submodule(plan.linear_targets[0])
+    assert isinstance(layer, SlotLinear) and "law" in layer.lora_A
+    experts = loaded.model.get_submodule(next(iter(plan.expert_targets)))
+    assert isinstance(experts, StudioExperts) and isinstance(experts.adapters["law"], ExpertSlots)
+    slots = LoraSlots(loaded.model, max_slots=2, rank=4)
+    slots.load(1, adapter)
+    assert loaded.model.get_submodule(plan.linear_targets[0]) is layer and layer.slot_A.shape[0] == 2
+    with torch.no_grad(), slots.rows([1, None]):
+        served = loaded.model(input_ids=ids).logits
+    assert (named - bare).abs().max() > 1e-2
+    assert (served[0] - named[0]).abs().max() < 1e-4 and (served[1] - bare[1]).abs().max() < 1e-4
