@@ -9,7 +9,9 @@ Adapters go to a temporary registry (not yours). About 2 minutes a variant on 2 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 import time
 
@@ -24,6 +26,7 @@ def main() -> None:
     parser.add_argument("--variants", default="none,lr1e-3,steps300,r16,r32", help=f"from {', '.join(VARIANTS)}")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="recipe-sweep-")
+    atexit.register(shutil.rmtree, tmp, True)  # the variants' adapters and datasets
     os.environ.setdefault("STUDIO_ADAPTERS_ROOT", os.path.join(tmp, "adapters"))
     os.environ.setdefault("STUDIO_DATASETS_ROOT", os.path.join(tmp, "datasets"))
     import studio

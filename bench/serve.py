@@ -30,9 +30,11 @@ Exit status 0 when it ran (met or not), 1 on failure.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -215,6 +217,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    atexit.register(shutil.rmtree, work, True)  # its base, adapters and registry: hundreds of MB a run
     base_ref = synthetic_base(args, work / "base") if args.base == "synthetic-qwen3-moe" else args.base
     quant = QuantSpec(args.quant)
     print(f"base {args.base} ({args.experts} experts, top-{args.top_k}) on {device} ({torch.get_num_threads()} torch "
