@@ -266,11 +266,13 @@ def test_fuzzed_json_bodies_never_5xx(stack):
             r = c.post(path, content=raw, headers={"content-type": "application/json"})
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             assert r.status_code < 500, (body, r.text)
-            assert "Traceback" not in r.text
-            if r.status_code != 200:
+            if r.status_code != 200:  # (a completion's text is the model's: the pretrained base can write "Traceback")
+                assert "Traceback" not in r.text
                 assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-            if body.get("stream") is True and r.status_code == 200:
+            elif body.get("stream") is True:
                 assert r.text.rstrip().endswith("data: [DONE]")
+            else:
+                assert r.json()["choices"], r.text
     assert statuses.get(400, 0) > 150 and statuses.get(200, 0) > 0, statuses  # the fuzz reached both outcomes
     assert time.monotonic() - t0 < 60
     assert registry.verify().ok and _catalog_state(registry) == before
