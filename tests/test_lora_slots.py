@@ -259,3 +259,47 @@ def test_named_slots_and_serving_slots_share_the_layers(tmp_path):
         served = loaded.model(input_ids=ids).logits
     assert (named - bare).abs().max() > 1e-2
     assert (served[0] - named[0]).abs().max() < 1e-4 and (served[1] - bare[1]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("buffers,activations", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_expert_slots_in_another_dtype_than_the_activations(buffers, activations):
+    """Slot buffers of another dtype than the activations (their hit experts' factors are cast after the gather,
+    uniform and mixed batches) give what float32 buffers and activations holding the same values give."""
+    from studio.lora.layers import ExpertSlots, LoraBatch
+
+    loaded = load_base("tiny-moe", QuantSpec("4bit"))
+    path = next(n for n, m in loaded.model.named_modules() if type(m).__name__ == "StudioExperts")
+    experts = loaded.model.get_submodule(path)
+    batch = LoraBatch(3)
+    slots = {dtype: ExpertSlots(experts, batch, 3, 4, dtype) for dtype in (torch.float32, buffers)}
+    g = torch.Generator().manual_seed(0)
+    for slot in (1, 2):
+        for name in experts.weight_names:
+            a, b = slots[torch.float32].lora_A[name][slot], slots[torch.float32].lora_B[name][slot]
+            # values that bfloat16 holds exactly: both buffers hold the same factors
+            a, b = (torch.randn(t.shape, generator=g).mul(0.3).bfloat16().float() for t in (a, b))
+            for s in slots.values():
+                s.write(slot, name, a, b)
+    tokens = 16
+    hidden = torch.randn(tokens, experts.layout(experts.weight_names[0])[1], generator=g)
+    top_k_index = torch.rand(tokens, experts.num_experts, generator=g).topk(2, -1).indices
+    weights = torch.rand(tokens, 2, generator=g)
+    rows = [1, None, 2, 1] * 4  # one token per row
+    tol = 1e-5 if activations == torch.float32 else 3e-2
+
+    def run(dtype, row_slots, x_dtype):
+        experts.lora_slots = slots[dtype]
+        batch.set(row_slots)
+        try:
+            return experts(hidden.to(x_dtype), top_k_index, weights.to(x_dtype)).float()
+        finally:
+            batch.clear()
+
+    with torch.no_grad():
+        bare = experts(hidden, top_k_index, weights)
+        for row_slots in ([1] * tokens, rows):
+            want = run(torch.float32, row_slots, torch.float32)
+            got = run(buffers, row_slots, activations)
+            assert slots[buffers].lora_A[experts.weight_names[0]].dtype == buffers
+            assert (want - bare).abs().max() > 0.1  # the slots' LoRA does change the output
+            assert (got - want).abs().max() <= tol * want.abs().max(), (row_slots, (got - want).abs().max())
