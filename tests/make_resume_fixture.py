@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                         help="fixture directory (replaced)")
     args = parser.parse_args(argv)
     commit = git("rev-parse", "--verify", f"{args.commit}^{{commit}}")
-    subject = git("log", "-1", "--format=%s", commit)[:100]
+    subject = git("log", "-1", "--format=%s", commit).split(":")[0][:100]
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="studio-old-") as tmp:
         tmp = Path(tmp)
@@ -110,10 +110,12 @@ def main(argv=None) -> int:
         }
         (out / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    shown = out.relative_to(REPO) if out.is_relative_to(REPO) else out
+    versions = ", ".join(f"{k} {v}" for k, v in meta["library_versions"].items())
     (out / "PROVENANCE.md").write_text(PROVENANCE.format(
-        commit=commit, short=commit[:7], subject=subject, step=CHECKPOINT_STEP, step_next=CHECKPOINT_STEP + 1, steps=CONFIG["max_steps"],
-        config=json.dumps(CONFIG), threads=ran["threads"], out=out.relative_to(REPO) if out.is_relative_to(REPO) else out,
-        size=size, versions=", ".join(f"{k} {v}" for k, v in meta["library_versions"].items())))
+        commit=commit, short=commit[:7], subject=subject, step=CHECKPOINT_STEP, step_next=CHECKPOINT_STEP + 1,
+        steps=CONFIG["max_steps"], config=json.dumps(CONFIG), threads=ran["threads"], out=shown, size=size,
+        versions=versions))
     print(f"wrote {out} ({size / 1e6:.2f} MB); losses by step: {losses}")
     return 0
 
@@ -121,25 +123,28 @@ def main(argv=None) -> int:
 PROVENANCE = """\
 # A training checkpoint written by an older release
 
-Resumed with today's code by `tests/test_resume_old_checkpoint.py`, so that a change to the LoRA layers, the
+`tests/test_resume_old_checkpoint.py` resumes it with today's code, so that a change to the LoRA layers, the
 trainer or the adapter files that stops checkpoints users already have from resuming fails CI.
 
 - Written by the trainer (`studio/train.py`) of commit {commit}
-  ("{subject}"), older than that test, in a subprocess with that commit's `studio/` alone
-  on `sys.path` (extracted with `git archive`), on 2 CPU cores ({threads} torch threads).
-- Made by: `python tests/make_resume_fixture.py --commit {short} --out {out}` (from the repository root, in the
-  project's venv, `HF_HUB_OFFLINE=1`); it replaces this directory. Libraries: {versions}.
-- The run: `TrainConfig(**config, dataset="train.jsonl")` with config = `{config}`:
-  the embedded tiny-moe base with NF4 experts, attention + routed-expert LoRA, {steps} steps, one checkpoint
-  after step {step}.
-- Files: `checkpoint-{step}/` exactly as the trainer wrote it (PEFT-format adapter, optimizer, scheduler, RNG
-  state, trainer state); `train.jsonl`, the training data; `expected.json`, the config, the commit and every
-  step's loss as the uninterrupted run logged it (steps {step_next}..{steps} are what a resume must reproduce).
-  {size:,} bytes in all.
+  ("{subject}"), older than that test, in a subprocess with that commit's `studio/` alone on `sys.path`
+  (extracted with `git archive`), on 2 CPU cores ({threads} torch threads).
+- Made by, from the repository root in the project's venv (offline; ~30 s on 2 cores; it replaces this directory):
+
+      python tests/make_resume_fixture.py --commit {short} --out {out}
+
+  Libraries: {versions}.
+- The run: `TrainConfig(**config, dataset="train.jsonl")`, the embedded tiny-moe base with NF4 experts,
+  attention + routed-expert LoRA with dropout, {steps} steps, a checkpoint after step {step}; config =
+  `{config}`.
+- Files ({size:,} bytes besides this one): `checkpoint-{step}/` exactly as the trainer wrote it (PEFT-format
+  adapter, optimizer, scheduler, RNG state, trainer state); `train.jsonl`, the training data; `expected.json`,
+  the commit, the config, the base's fingerprint and every step's loss as the uninterrupted run logged it (steps
+  {step_next}..{steps} are what a resume must reproduce).
 
 Regenerate only when a change is meant to alter training numerics (the tiny-moe weights, the data split, the
 loss); a change that merely breaks resuming must be fixed in the code, not here. A regenerated fixture should still
-come from an older commit than the change it guards.
+come from a commit older than the change it guards.
 """
 
 if __name__ == "__main__":
