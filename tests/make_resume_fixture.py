@@ -1,13 +1,14 @@
 """Write the old-release checkpoint fixture that tests/test_resume_old_checkpoint.py resumes with today's code.
 
-    python tests/make_resume_fixture.py [--commit 9da9c50] [--out tests/assets/resume_9da9c50]
+    python tests/make_resume_fixture.py [--commit 9da9c50] [--out tests/assets/resume_9da9c50] [--compare-commit C]
 
 It extracts the studio at --commit (`git archive`, into a temporary directory outside the repository; nothing in
 the repository's git metadata changes), runs that commit's trainer in a subprocess on the embedded tiny-moe base
 (4-bit experts, attention + expert LoRA, a quickstart-like recipe at r=4 to keep the files small) for 6 steps with
 a checkpoint at step 3, and copies into --out: the checkpoint directory exactly as that trainer wrote it, the
 training data, the run's config and the per-step losses the uninterrupted run logged (expected.json), and a
-PROVENANCE.md. Needs the same venv as the tests (the libraries are recorded in expected.json); ~1 min on 2 cores.
+PROVENANCE.md. Needs the same venv as the tests (the libraries are recorded in expected.json); ~30 s on 2 cores
+(twice that with --compare-commit, which also runs an older trainer and records whether its checkpoint is the same).
 """
 
 from __future__ import annotations
@@ -52,8 +53,47 @@ def write_dataset(path: Path) -> None:
                                 "output": f"Term {i % 4} is a rule of contract law, clause {i}."}) + "\n")
 
 
+def subject_of(commit: str) -> str:
+    subject = git("log", "-1", "--format=%s", commit)
+    return subject if len(subject) <= 90 else subject[:90].rsplit(" ", 1)[0] + " ..."
+
+
 def git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+class OldRunFailed(RuntimeError):
+    pass
+
+
+def train_at(commit: str, tmp: Path, data: Path) -> tuple[Path, dict, dict]:
+    """Run `commit`'s trainer (extracted under `tmp`) on `data`; returns its run directory, its losses by step and
+    what the driver printed."""
+    old = tmp / "old"
+    old.mkdir()
+    archive = tmp / "old.tar"
+    with open(archive, "wb") as f:
+        subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True, stdout=f)
+    with tarfile.open(archive) as tar:
+        tar.extractall(old, filter="data")
+    cfg = dict(CONFIG, dataset=str(data), output=str(tmp / "run"))
+    # the old code alone on sys.path; every registry and cache in the temporary directory; offline
+    env = dict(os.environ, PYTHONPATH=str(old), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               STUDIO_MODELS_CACHE=str(tmp / "models"), STUDIO_DATASETS_ROOT=str(tmp / "datasets"),
+               STUDIO_ADAPTERS_ROOT=str(tmp / "adapters"), STUDIO_PROFILES_CACHE=str(tmp / "profiles"))
+    print(f"training {CONFIG['max_steps']} steps with the trainer of {commit[:10]} (checkpoint at step "
+          f"{CHECKPOINT_STEP}) ...", flush=True)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cfg)], cwd=old, env=env, text=True,
+                          stdout=subprocess.PIPE)
+    if proc.returncode:
+        raise OldRunFailed(f"the trainer of {commit[:10]} failed (exit {proc.returncode}); its log is above")
+    ran = json.loads(proc.stdout.strip().splitlines()[-1])
+    run = tmp / "run"
+    events = [json.loads(line) for line in open(run / "training_log.jsonl")]
+    losses = {str(e["step"]): e["loss"] for e in events if e.get("event") == "log" and "loss" in e}
+    if sorted(map(int, losses)) != list(range(1, CONFIG["max_steps"] + 1)):
+        raise OldRunFailed(f"expected one logged loss per step, got steps {sorted(losses)}")
+    return run, losses, ran
 
 
 def main(argv=None) -> int:
@@ -61,40 +101,37 @@ def main(argv=None) -> int:
     parser.add_argument("--commit", default="9da9c50", help="the older commit whose trainer writes the checkpoint")
     parser.add_argument("--out", default=str(REPO / "tests" / "assets" / "resume_9da9c50"),
                         help="fixture directory (replaced)")
+    parser.add_argument("--compare-commit", default=None,
+                        help="also run this commit's trainer and record whether it writes the same checkpoint bytes "
+                             "and losses (e.g. b698ba8, the last with PEFT's LoRA layers in training)")
     args = parser.parse_args(argv)
     commit = git("rev-parse", "--verify", f"{args.commit}^{{commit}}")
-    subject = git("log", "-1", "--format=%s", commit).split(":")[0][:100]
+    subject = subject_of(commit)
     out = Path(args.out)
+    same_as = ""
     with tempfile.TemporaryDirectory(prefix="studio-old-") as tmp:
         tmp = Path(tmp)
-        old = tmp / "old"
-        old.mkdir()
-        archive = tmp / "old.tar"
-        with open(archive, "wb") as f:
-            subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True, stdout=f)
-        with tarfile.open(archive) as tar:
-            tar.extractall(old, filter="data")
-        print(f"extracted {commit[:10]} ({subject}) to a temporary directory", flush=True)
         data = tmp / "train.jsonl"
         write_dataset(data)
-        cfg = dict(CONFIG, dataset=str(data), output=str(tmp / "run"))
-        # the old code alone on sys.path; every registry and cache in the temporary directory; offline
-        env = dict(os.environ, PYTHONPATH=str(old), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   STUDIO_MODELS_CACHE=str(tmp / "models"), STUDIO_DATASETS_ROOT=str(tmp / "datasets"),
-                   STUDIO_ADAPTERS_ROOT=str(tmp / "adapters"), STUDIO_PROFILES_CACHE=str(tmp / "profiles"))
-        print(f"training {CONFIG['max_steps']} steps with the old trainer (checkpoint at step {CHECKPOINT_STEP}) ...",
-              flush=True)
-        proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cfg)], cwd=old, env=env, text=True,
-                              stdout=subprocess.PIPE)
-        if proc.returncode:
-            print(f"the old trainer failed (exit {proc.returncode}); its log is above", file=sys.stderr)
-            return 1
-        ran = json.loads(proc.stdout.strip().splitlines()[-1])
-        run = tmp / "run"
-        events = [json.loads(line) for line in open(run / "training_log.jsonl")]
-        losses = {str(e["step"]): e["loss"] for e in events if e.get("event") == "log" and "loss" in e}
-        if sorted(map(int, losses)) != list(range(1, CONFIG["max_steps"] + 1)):
-            print(f"expected one logged loss per step, got steps {sorted(losses)}", file=sys.stderr)
+        try:
+            (tmp / "a").mkdir()
+            run, losses, ran = train_at(commit, tmp / "a", data)
+            if args.compare_commit:
+                other = git("rev-parse", "--verify", f"{args.compare_commit}^{{commit}}")
+                (tmp / "b").mkdir()
+                run_b, losses_b, _ = train_at(other, tmp / "b", data)
+                ckpt_a, ckpt_b = (r / "checkpoints" / f"checkpoint-{CHECKPOINT_STEP}" for r in (run, run_b))
+                names = sorted(p.name for p in ckpt_a.iterdir())
+                differ = [n for n in names if not (ckpt_b / n).is_file()
+                          or (ckpt_a / n).read_bytes() != (ckpt_b / n).read_bytes()]
+                other_subject = subject_of(other)
+                verdict = ("writes byte-identical checkpoint files and logs the same losses" if not differ
+                           and losses == losses_b else f"writes different files ({', '.join(differ) or 'none'}) "
+                           f"and losses {'equal' if losses == losses_b else losses_b}")
+                same_as = f"- Checked against commit {other} (\"{other_subject}\"): it {verdict}.\n"
+                print(same_as.strip(), flush=True)
+        except OldRunFailed as exc:
+            print(exc, file=sys.stderr)
             return 1
         meta = json.loads((run / "adapter" / "studio_adapter.json").read_text())
         if out.exists():
@@ -115,7 +152,8 @@ def main(argv=None) -> int:
     (out / "PROVENANCE.md").write_text(PROVENANCE.format(
         commit=commit, short=commit[:7], subject=subject, step=CHECKPOINT_STEP, step_next=CHECKPOINT_STEP + 1,
         steps=CONFIG["max_steps"], config=json.dumps(CONFIG), threads=ran["threads"], out=shown, size=size,
-        versions=versions))
+        versions=versions, same_as=same_as,
+        compare=f" --compare-commit {args.compare_commit}" if args.compare_commit else ""))
     print(f"wrote {out} ({size / 1e6:.2f} MB); losses by step: {losses}")
     return 0
 
@@ -131,7 +169,7 @@ trainer or the adapter files that stops checkpoints users already have from resu
   (extracted with `git archive`), on 2 CPU cores ({threads} torch threads).
 - Made by, from the repository root in the project's venv (offline; ~30 s on 2 cores; it replaces this directory):
 
-      python tests/make_resume_fixture.py --commit {short} --out {out}
+      python tests/make_resume_fixture.py --commit {short} --out {out}{compare}
 
   Libraries: {versions}.
 - The run: `TrainConfig(**config, dataset="train.jsonl")`, the embedded tiny-moe base with NF4 experts,
@@ -141,7 +179,7 @@ trainer or the adapter files that stops checkpoints users already have from resu
   adapter, optimizer, scheduler, RNG state, trainer state); `train.jsonl`, the training data; `expected.json`,
   the commit, the config, the base's fingerprint and every step's loss as the uninterrupted run logged it (steps
   {step_next}..{steps} are what a resume must reproduce).
-
+{same_as}
 Regenerate only when a change is meant to alter training numerics (the tiny-moe weights, the data split, the
 loss); a change that merely breaks resuming must be fixed in the code, not here. A regenerated fixture should still
 come from a commit older than the change it guards.

@@ -1,4 +1,7 @@
-"""A checkpoint written by an older release's trainer resumes with today's code (tests/assets/resume_9da9c50)."""
+"""A checkpoint written by an older release's trainer resumes with today's code (tests/assets/resume_9da9c50).
+
+The fixture (commit 9da9c50) is byte for byte what b698ba8 writes too, the last commit whose training used PEFT's own
+LoRA layers (`make_resume_fixture.py --compare-commit b698ba8` checked it): it stands for checkpoints of both."""
 
 import json
 import shutil
