@@ -142,15 +142,47 @@ def _build_trainer_class():
             weights = load_file(os.path.join(resume_from_checkpoint, "adapter_model.safetensors"))
             live = adapter_parameters(model or self.model, "default")
             live.update(router_parameters(model or self.model, self.studio_plan))
-            missing = sorted(set(live) - set(weights))
-            if missing:
-                raise ModelError(f"checkpoint {resume_from_checkpoint} lacks {len(missing)} adapter tensors "
-                                 f"(e.g. {missing[0]}): was it made with another plan?")
+            check_resumable(resume_from_checkpoint, self.studio_plan, set(weights), set(live))
             # PEFT layout on disk; expert-selective factors are compacted to their slots; under FSDP2 each rank
             # keeps its shard
             copy_adapter_weights(model or self.model, "default", live, weights, resume_from_checkpoint)
 
     return StudioSFTTrainer
+
+
+def check_resumable(checkpoint: str, plan, saved: set[str], live: set[str]) -> None:
+    """A checkpoint resumes only under the LoRA plan that wrote it: the same r, alpha, rslora and router setting
+    (recorded in its studio_adapter.json, when it has one) and the same adapter tensors, none missing and none
+    left over. Otherwise a ModelError names the difference and the fix (a left-over tensor would otherwise surface
+    as torch's "parameter group that doesn't match the size" from the optimizer, a different rank as a shape
+    error blaming the base)."""
+    meta_path = Path(checkpoint) / "studio_adapter.json"
+    recorded = json.loads(meta_path.read_text()).get("plan") or {} if meta_path.exists() else {}
+    was, now = recorded.get("settings") or {}, asdict(plan.settings)
+
+    def flag(key, value):
+        if isinstance(value, bool):
+            return f"--{'' if value else 'no-'}{key.replace('_', '-')}"
+        return f"--{key} {value:g}" if isinstance(value, float) else f"--{key} {value}"
+
+    differ = [k for k in ("r", "alpha", "use_rslora", "train_router") if k in was and was[k] != now[k]]
+    if differ:
+        raise ModelError(f"checkpoint {checkpoint} was trained with {', '.join(f'{k}={was[k]}' for k in differ)}; "
+                         f"this run has {', '.join(f'{k}={now[k]}' for k in differ)}. Resume with the checkpoint's "
+                         f"settings ({' '.join(flag(k, was[k]) for k in differ)}) or start a new run without "
+                         "--resume.")
+    missing, unexpected = sorted(live - saved), sorted(saved - live)
+    if missing or unexpected:
+        what = "; ".join(part for part in (
+            f"it lacks {len(missing)} adapter tensors this run trains (e.g. {missing[0]})" if missing else "",
+            f"it holds {len(unexpected)} tensors this run does not train (e.g. {unexpected[0]})" if unexpected else "")
+            if part)
+        selection = (recorded.get("expert_selection") or {}).get("spec")
+        trained = (f" (it was trained with targets={','.join(recorded['targets'])}"
+                   f"{', expert selection ' + selection if selection else ''})" if recorded.get("targets") else "")
+        raise ModelError(f"checkpoint {checkpoint} was made with another LoRA plan{trained}: {what}. Resume with the "
+                         "--targets, --expert-selection and --train-router it was trained with, or start a new run "
+                         "without --resume.")
 
 
 class _Cancel:
