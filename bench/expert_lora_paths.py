@@ -6,12 +6,12 @@
 For decode-sized and prefill-sized routings of the bench/serve.py models (16 experts top-2 with hidden 512 and
 expert width 768; 64 experts top-8 with width 192; 12 decode rows, 32-token prompts) in the jagged layout (the one
 where the choice matters: padded routing is the hit-expert grid already), times one projection's expert LoRA (rank
-16) in one process three ways: studio.lora.slots._expert_lora on the grid of the hit experts (their factors
+16) in one process three ways: studio.lora.layers._expert_lora on the grid of the hit experts (their factors
 gathered) and on grouped products (torch._grouped_mm), and, for reference, a grid of all experts that uses the
 factors in place (no gather; what the studio ran before). Prints the times, the path `_grid_pays` picks and whether
 it is the faster of the first two. --cold streams 64 MiB through the cache before every call,
 as the base's dequantized expert weights do between LoRA calls in a real forward. This is the measurement behind
-GRID_MACS_PER_GROUP and the padded-routing rule in studio/lora/slots.py.
+GRID_MACS_PER_GROUP and the padded-routing rule in studio/lora/layers.py.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from studio.lora import slots
+    from studio.lora import layers
     from studio.moe.grouped import Routing
 
     if args.threads:
@@ -81,14 +81,14 @@ def main(argv=None) -> int:
             x = routing.to_layout(torch.randn(routing.rows, fan_in, generator=g))
             results = {}
             for path, pays in (("grid", True), ("grouped", False)):
-                original = slots._grid_pays
-                slots._grid_pays = lambda *_, pays=pays: pays
+                original = layers._grid_pays
+                layers._grid_pays = lambda *_, pays=pays: pays
                 try:
-                    results[path] = timed(lambda: slots._expert_lora(routing, x, a, b))
+                    results[path] = timed(lambda: layers._expert_lora(routing, x, a, b))
                 finally:
-                    slots._grid_pays = original
+                    layers._grid_pays = original
             results["all"] = timed(lambda: all_experts_grid(routing, x, a, b))
-            picks = "grid" if slots._grid_pays(routing, routing.select(a), routing.select(b)) else "grouped"
+            picks = "grid" if layers._grid_pays(routing, routing.select(a), routing.select(b)) else "grouped"
             faster = min(("grid", "grouped"), key=results.get)
             # within 10% either way counts as a tie: the rule need not split hairs
             ok = picks == faster or results[picks] <= 1.1 * results[faster]

@@ -12,7 +12,8 @@ them as one left-padded group, merges their KV cache into the running batch, the
 row. Finished rows leave the batch at once. The rest lives beside it in studio/serving/: requests and prompt encoding
 (requests.py), which adapter sits in which LoRA slot (residency.py: LRU, load, evict, base fingerprint), next-token
 sampling (sampling.py) and incremental detokenization with stop strings (detokenize.py). LoRA arithmetic is
-studio/lora/slots.py: each forward the scheduler only says which rows use which slots (`LoraBatch`).
+studio/lora/layers.py (its slots filled by studio/lora/slots.py): each forward the scheduler only says which rows use
+which slots (`LoraBatch`).
 
 A registry reference (`law@prod`) is resolved once per request, when it is made, in the caller's thread: a promote
 or rollback takes effect on the next request without a restart. An adapter in use by a request in flight is never

@@ -13,7 +13,7 @@ from studio.adapters import adapter_parameters, apply_plan, load_adapter, save_a
 from studio.errors import ModelError, PlanError
 from studio.experts.selection import cumulative_set, parse_selection, select_experts, select_layer
 from studio.models.loading import QuantSpec, load_base
-from studio.lora.slots import ExpertSlots
+from studio.lora.experts import ExpertAdapter
 from studio.moe.experts import StudioExperts
 from studio.moe.plan import LoraSettings, build_plan
 
@@ -155,7 +155,7 @@ def test_selective_factors_compute_the_full_layout_function_and_gradients(impl):
 
 
 def test_expand_and_compact_round_trip_and_refuse_foreign_factors():
-    lora = ExpertSlots.one_slot({"p": (6, 5, 3)}, r=2, alpha=4, experts=[4, 1])
+    lora = ExpertAdapter({"p": (6, 5, 3)}, r=2, alpha=4, experts=[4, 1])
     assert lora.expert_ids == [1, 4] and lora.lora_A["p"].shape == (4, 5) and lora.lora_B["p"].shape == (3, 4)
     a, b = torch.randn(4, 5), torch.randn(3, 4)
     fa, fb = lora.expand("A", a), lora.expand("B", b)
@@ -164,9 +164,9 @@ def test_expand_and_compact_round_trip_and_refuse_foreign_factors():
     fa[0, 0] = 1.0  # expert 0 is not selected
     with pytest.raises(ValueError, match="unselected experts are non-zero"):
         lora.compact("A", fa)
-    assert ExpertSlots.one_slot({"p": (6, 5, 3)}, r=2, alpha=4, experts=range(6)).expert_ids is None  # all = no selection
+    assert ExpertAdapter({"p": (6, 5, 3)}, r=2, alpha=4, experts=range(6)).expert_ids is None  # all = no selection
     with pytest.raises(ValueError, match="non-empty subset"):
-        ExpertSlots.one_slot({"p": (6, 5, 3)}, r=2, alpha=4, experts=[6])
+        ExpertAdapter({"p": (6, 5, 3)}, r=2, alpha=4, experts=[6])
 
 
 def _selective_plan(loaded, settings=None):

@@ -200,6 +200,41 @@ def test_dropout_applies_in_training_only():
     assert all(torch.isfinite(g).all() for g in trained[1:])
 
 
+def test_frozen_adapter_runs_the_serving_product_and_passes_input_gradients(monkeypatch):
+    """An adapter in inference (eval mode, frozen) runs the product a serving slot runs (studio.lora.layers.
+    _expert_lora, on its cached slot-layout factors) in the grouped path: same output as the eager loop, with and
+    without gradients, and the input's gradient still flows through it (a frozen adapter under one that trains)."""
+    from studio.lora import experts as lora_experts
+    from studio.lora import layers
+
+    _, modules = _experts("tiny-qwen3-moe", "4bit")
+    module = modules[0]
+    lora = _random_lora(module)
+    lora.eval().requires_grad_(False)
+    hidden = module.layout(module.weight_names[0])[1]
+    x = torch.randn(23, hidden, generator=torch.Generator().manual_seed(8))
+    idx, weights = _routing(module, 23, 2)
+    results = {}
+    for impl, layout in (("eager", "auto"), ("grouped", "padded"), ("grouped", "jagged")):
+        module.experts_impl, module.grouped_layout = impl, layout
+        xg = x.clone().requires_grad_()
+        y = module(xg, idx, weights)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        with torch.no_grad():
+            results[impl, layout] = (y.detach(), xg.grad, module(x, idx, weights))
+    calls = []
+    monkeypatch.setattr(lora_experts, "_expert_lora", lambda *args: calls.append(1) or layers._expert_lora(*args))
+    with torch.no_grad():
+        module(x, idx, weights)
+    assert len(calls) == 2  # one per projection
+    eager = results["eager", "auto"]
+    for key in (("grouped", "padded"), ("grouped", "jagged")):
+        for label, a, b in zip(("output", "grad x", "output without grad"), results[key], eager):
+            assert _rel(a, b) < TOLERANCE[torch.float32], (key, label, _rel(a, b))
+    module.active_adapters = []
+    assert _rel(module(x, idx, weights), eager[0]) > 1e-2  # the adapter does change the output
+
+
 @pytest.mark.parametrize("name", ARCHS)
 def test_training_from_the_same_seed_gives_the_same_loss_curve(name):
     from studio.adapters import apply_plan

@@ -1,6 +1,7 @@
-"""Serving LoRA slots (studio/lora/slots.py) on all six families: slot buffers compute the saved PEFT adapter's
-function (oracle: the adapter loaded as a named, trainable-form slot, which tests/test_moe_lora.py ties to plain PEFT), mixed-adapter batches through the engine give the greedy
-outputs of per-adapter runs, and resident memory is the base plus one fixed set of slot buffers."""
+"""Serving LoRA slots (studio/lora/slots.py, layers in studio/lora/layers.py) on all six families: slot buffers
+compute the saved PEFT adapter's function (oracle: the adapter loaded as a named adapter, training's layers, which
+tests/test_moe_lora.py ties to plain PEFT), mixed-adapter batches through the engine give the greedy outputs of
+per-adapter runs, and resident memory is the base plus one fixed set of slot buffers."""
 
 import gc
 
@@ -125,10 +126,10 @@ def test_resident_memory_is_base_plus_one_set_of_slot_buffers(tmp_path):
 def test_uniform_expert_lora_equals_the_per_row_reference(layout, grid, monkeypatch):
     """One slot's expert LoRA on every row (the uniform batch's fast path: a grid over all experts, or the hit
     experts' grouped products when routing is skewed) equals B_e (A_e x) computed row by row."""
-    from studio.lora import slots as slots_mod
+    from studio.lora import layers
     from studio.moe.grouped import Routing
 
-    monkeypatch.setattr(slots_mod, "_grid_pays", lambda *args: grid)
+    monkeypatch.setattr(layers, "_grid_pays", lambda *args: grid)
     g = torch.Generator().manual_seed(0)
     experts, top_k, tokens, fan_in, fan_out, r = 12, 3, 7, 10, 6, 4
     top_k_index = torch.rand(tokens, experts, generator=g).topk(top_k, -1).indices
@@ -139,7 +140,7 @@ def test_uniform_expert_lora_equals_the_per_row_reference(layout, grid, monkeypa
     rows = torch.randn(routing.rows, fan_in, generator=g)
     x = routing.to_layout(rows)
     y0 = torch.randn(routing.rows, fan_out, generator=g)
-    y = routing.to_layout(y0) + slots_mod._expert_lora(routing, x, a, b)
+    y = routing.to_layout(y0) + layers._expert_lora(routing, x, a, b)
     expert_of_row = routing.hit[routing.group_of_row]
     want = y0 + torch.stack([b[e] @ (a[e] @ rows[i]) for i, e in enumerate(expert_of_row.tolist())])
     assert torch.allclose(routing.from_layout(y), want, atol=1e-5)
@@ -150,13 +151,13 @@ def test_mixed_linear_slots_equal_the_per_row_reference(dense, monkeypatch):
     """A mixed batch through a SlotLinear (few tokens: all used slots as one masked rank; many: tokens sorted by
     slot) equals base(x) + B_s (A_s x) row by row, for slots that do not start at 0 and with a filled slot between
     them that no row uses (its columns must be masked out)."""
-    from studio.lora import slots as slots_mod
+    from studio.lora import layers
 
-    monkeypatch.setattr(slots_mod, "DENSE_MIXED_MACS", 2 ** 40 if dense else 0)
+    monkeypatch.setattr(layers, "DENSE_MIXED_MACS", 2 ** 40 if dense else 0)
     g = torch.Generator().manual_seed(0)
     base = torch.nn.Linear(10, 7)
-    batch = slots_mod.LoraBatch(5)
-    layer = slots_mod.SlotLinear(base, batch, 5, rank=4, dtype=torch.float32)
+    batch = layers.LoraBatch(5)
+    layer = layers.SlotLinear(base, batch, 5, rank=4, dtype=torch.float32)
     factors = {}
     for slot, r in [(1, 4), (2, 3), (3, 2)]:
         factors[slot] = (torch.randn(r, 10, generator=g), torch.randn(7, r, generator=g))
@@ -179,11 +180,12 @@ def test_mixed_linear_slots_equal_the_per_row_reference(dense, monkeypatch):
 def test_mixed_expert_slots_equal_uniform_runs_row_by_row(grid, monkeypatch):
     """A mixed batch through a model's ExpertSlots equals, row by row, the uniform forward of that row's slot (and
     the bare base for base rows), for slots 1..3 (not starting at 0), on a grid or on grouped products."""
-    from studio.lora import slots as slots_mod
+    from studio.lora import layers
+    from studio.lora.slots import LoraSlots
 
-    monkeypatch.setattr(slots_mod, "_grid_pays", lambda *args: grid)
+    monkeypatch.setattr(layers, "_grid_pays", lambda *args: grid)
     loaded = load_base("tiny-moe", QuantSpec("4bit"))
-    lora = slots_mod.LoraSlots(loaded.model, max_slots=4, rank=4)
+    lora = LoraSlots(loaded.model, max_slots=4, rank=4)
     path = next(n for n, m in loaded.model.named_modules() if type(m).__name__ == "StudioExperts")
     experts = loaded.model.get_submodule(path)
     slots = lora._experts(path)
@@ -213,7 +215,7 @@ def test_grid_pays_for_decode_routing_and_not_for_skewed_routing():
     """The cost rule behind `_expert_lora`'s choice: a decode step's routing (a few rows per expert, jagged) runs on
     the grid of the hit experts (measured 2-7x faster than the grouped loop at 64 experts top-8), padded routing is
     that grid already, and a prefill with one expert taking most rows runs the grouped products."""
-    from studio.lora.slots import _grid_pays
+    from studio.lora.layers import _grid_pays
     from studio.moe.grouped import Routing
 
     g = torch.Generator().manual_seed(0)
@@ -232,7 +234,9 @@ def test_named_slots_and_serving_slots_share_the_layers(tmp_path):
     """One model, one set of LoRA layers: an adapter loaded as a named slot (training's form) and the same files
     written into a serving slot give the same logits, and LoraSlots adds its buffers to the SlotLinear that
     apply_plan made instead of wrapping it again."""
-    from studio.lora.slots import ExpertSlots, LoraSlots, SlotLinear
+    from studio.lora.experts import ExpertAdapter
+    from studio.lora.layers import SlotLinear
+    from studio.lora.slots import LoraSlots
     from studio.moe.experts import StudioExperts
 
     loaded = load_base("tiny-moe", QuantSpec("4bit"))
@@ -247,7 +251,7 @@ def test_named_slots_and_serving_slots_share_the_layers(tmp_path):
     layer = loaded.model.get_submodule(plan.linear_targets[0])
     assert isinstance(layer, SlotLinear) and "law" in layer.lora_A
     experts = loaded.model.get_submodule(next(iter(plan.expert_targets)))
-    assert isinstance(experts, StudioExperts) and isinstance(experts.adapters["law"], ExpertSlots)
+    assert isinstance(experts, StudioExperts) and isinstance(experts.adapters["law"], ExpertAdapter)
     slots = LoraSlots(loaded.model, max_slots=2, rank=4)
     slots.load(1, adapter)
     assert loaded.model.get_submodule(plan.linear_targets[0]) is layer and layer.slot_A.shape[0] == 2
@@ -255,3 +259,47 @@ def test_named_slots_and_serving_slots_share_the_layers(tmp_path):
         served = loaded.model(input_ids=ids).logits
     assert (named - bare).abs().max() > 1e-2
     assert (served[0] - named[0]).abs().max() < 1e-4 and (served[1] - bare[1]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("buffers,activations", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_expert_slots_in_another_dtype_than_the_activations(buffers, activations):
+    """Slot buffers of another dtype than the activations (their hit experts' factors are cast after the gather,
+    uniform and mixed batches) give what float32 buffers and activations holding the same values give."""
+    from studio.lora.layers import ExpertSlots, LoraBatch
+
+    loaded = load_base("tiny-moe", QuantSpec("4bit"))
+    path = next(n for n, m in loaded.model.named_modules() if type(m).__name__ == "StudioExperts")
+    experts = loaded.model.get_submodule(path)
+    batch = LoraBatch(3)
+    slots = {dtype: ExpertSlots(experts, batch, 3, 4, dtype) for dtype in (torch.float32, buffers)}
+    g = torch.Generator().manual_seed(0)
+    for slot in (1, 2):
+        for name in experts.weight_names:
+            a, b = slots[torch.float32].lora_A[name][slot], slots[torch.float32].lora_B[name][slot]
+            # values that bfloat16 holds exactly: both buffers hold the same factors
+            a, b = (torch.randn(t.shape, generator=g).mul(0.3).bfloat16().float() for t in (a, b))
+            for s in slots.values():
+                s.write(slot, name, a, b)
+    tokens = 16
+    hidden = torch.randn(tokens, experts.layout(experts.weight_names[0])[1], generator=g)
+    top_k_index = torch.rand(tokens, experts.num_experts, generator=g).topk(2, -1).indices
+    weights = torch.rand(tokens, 2, generator=g)
+    rows = [1, None, 2, 1] * 4  # one token per row
+    tol = 1e-5 if activations == torch.float32 else 3e-2
+
+    def run(dtype, row_slots, x_dtype):
+        experts.lora_slots = slots[dtype]
+        batch.set(row_slots)
+        try:
+            return experts(hidden.to(x_dtype), top_k_index, weights.to(x_dtype)).float()
+        finally:
+            batch.clear()
+
+    with torch.no_grad():
+        bare = experts(hidden, top_k_index, weights)
+        for row_slots in ([1] * tokens, rows):
+            want = run(torch.float32, row_slots, torch.float32)
+            got = run(buffers, row_slots, activations)
+            assert slots[buffers].lora_A[experts.weight_names[0]].dtype == buffers
+            assert (want - bare).abs().max() > 0.1  # the slots' LoRA does change the output
+            assert (got - want).abs().max() <= tol * want.abs().max(), (row_slots, (got - want).abs().max())

@@ -188,7 +188,7 @@ def test_slot_linear_trains_and_saves_exactly_as_peft_layers(tmp_path):
     from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file
 
-    from studio.lora.slots import SlotLinear
+    from studio.lora.layers import SlotLinear
 
     settings = LoraSettings(r=4, alpha=8, dropout=0.1)
     runs = {}
@@ -258,7 +258,7 @@ def test_slot_linear_named_slot_is_peft_lora_linear(use_rslora):
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear as PeftLinear
 
-    from studio.lora.slots import SlotLinear
+    from studio.lora.layers import SlotLinear
 
     base = nn.Linear(12, 10)
     torch.manual_seed(0)

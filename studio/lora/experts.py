@@ -1,12 +1,13 @@
-"""The trainable one-slot form of ExpertSlots (studio/lora/slots.py): one adapter's per-expert factors in PEFT's
+"""The trainable LoRA of routed experts: `ExpertAdapter`, one adapter's per-expert factors in PEFT's
 `target_parameters` layout (optionally over a selection of experts), held by a StudioExperts as `adapters[name]`.
 
-Owns that form's factors, their PEFT layout (expand / compact for expert selections) and the forms the expert products
-read (per-expert factors for the eager loop, the hit experts' factors for the grouped path through
-GroupedExpertProjection's fused backward, cached scaled copies in the serving slot layout for inference). The serving
-form (stacked slot buffers, mixed batches) is the rest of ExpertSlots in studio/lora/slots.py; the quantized expert
-weights and the forward stay in studio/moe/experts.py. Written by hand: PEFT's ParamWrapper cannot wrap a quantized
-tensor, re-materialises W + BA for the whole expert stack and refuses dropout.
+Owns PEFT's fused expert layout: the factors (expand / compact for expert selections), `peft_to_slot_layout`
+(PEFT's layout -> the expert-major slot layout A [E, r, in], B [E, out, r] scaled, which serving's slot buffers
+and this adapter's inference copies both hold) and the forms the expert products read (per-expert factors for the
+eager loop, the hit experts' factors for the grouped path through GroupedExpertProjection's fused backward). The
+serving slot buffers are ExpertSlots (studio/lora/layers.py); the quantized expert weights and the forward stay in
+studio/moe/experts.py. Written by hand: PEFT's ParamWrapper cannot wrap a quantized tensor, re-materialises W + BA
+for the whole expert stack and refuses dropout.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from studio.lora.layers import _expert_lora, lora_scaling
 from studio.moe.grouped import Routing
+
+
+def peft_to_slot_layout(a: torch.Tensor, b: torch.Tensor, r: int, scaling: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's fused expert factors, lora_A [r*E, in] (expert-major rows) and lora_B [out, r*E] (rank-major
+    columns, expert fastest), as the slot layout: A [E, r, in] (a view) and scaling * B as [E, out, r]."""
+    e = a.shape[0] // r
+    return a.view(e, r, a.shape[-1]), b.view(b.shape[0], r, e).permute(2, 0, 1) * scaling
 
 
 class _SlotGather(torch.autograd.Function):
@@ -41,31 +51,27 @@ class _SlotGather(torch.autograd.Function):
         return out, None, None, None
 
 
-class OneSlotExperts:
-    """ExpertSlots' trainable one-slot form (mixed into ExpertSlots; built by `ExpertSlots.one_slot`): one adapter's
-    factors for every targeted fused parameter, in PEFT's `target_parameters` layout: lora_A [r*E, in] (expert-major
-    rows), lora_B [out, r*E] (rank-major columns), trainable parameters whose dim 0 FSDP2 shards (a leading slot dim
-    of size 1 would not shard), the scaling kept apart from B.
+class ExpertAdapter(nn.Module):
+    """One adapter's trainable LoRA on a StudioExperts' fused parameters, in PEFT's `target_parameters` layout:
+    for every targeted parameter (`layouts`: name -> (experts, in, out)) lora_A [r*E, in] (expert-major rows) and
+    lora_B [out, r*E] (rank-major columns), trainable parameters whose dim 0 FSDP2 shards, the scaling kept apart
+    from B, dropout on the LoRA input.
 
     With `experts` (expert-specialised fine-tuning, studio/experts/), factors exist only for those expert ids, in
     the same layout over S = len(experts) slots (lora_A [r*S, in], lora_B [out, r*S]): the other experts get no
     parameters, hence no gradients and no optimizer state, and no LoRA compute in the eager path. `expand` maps the
-    factors back to PEFT's full layout (zeros for the unselected experts) when an adapter is saved."""
+    factors back to PEFT's full layout (zeros for the unselected experts) when an adapter is saved.
 
-    @classmethod
-    def one_slot(cls, layouts: dict[str, tuple[int, int, int]], r: int, alpha: float, dropout: float = 0.0,
+    In inference (eval mode, or no gradient wanted) it computes what a uniform serving slot holding the same file
+    computes: the same slot layout (`inference_factors`) and the same product (`grouped_delta`)."""
+
+    def __init__(self, layouts: dict[str, tuple[int, int, int]], r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, experts: list[int] | None = None):
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._init_one_slot(layouts, r, alpha, dropout, use_rslora, experts)
-        return self
-
-    def _init_one_slot(self, layouts, r, alpha, dropout, use_rslora, experts) -> None:
+        super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
-        self.batch, self.max_slots = None, 1  # no serving batch: this form applies to every row it is active for
         self.r, self.alpha, self.num_experts = r, alpha, None
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         e = next(iter(layouts.values()))[0] if layouts else 0
@@ -88,9 +94,13 @@ class OneSlotExperts:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default init for lora_A
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(fan_out, r * slots))
-        self.filled = {name: [True] for name in layouts}
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._inference_cache: dict = {}
+
+    def trains(self, name: str) -> bool:
+        """Whether `name`'s products must run on the parameters themselves (training mode, or gradients wanted for
+        them); otherwise they run on the cached inference copies."""
+        return self.training or (torch.is_grad_enabled() and self.lora_A[name].requires_grad)
 
     @property
     def selective(self) -> bool:
@@ -153,8 +163,7 @@ class OneSlotExperts:
 
     def delta(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor | None:
         """The LoRA update of expert `expert` on its tokens x (None: the expert is not selected, nothing to add)."""
-        a = self.lora_A[name]
-        if self.training or (torch.is_grad_enabled() and a.requires_grad):
+        if self.trains(name):
             f = self.factors(name, expert, x.dtype)
             if f is None:
                 return None
@@ -167,30 +176,33 @@ class OneSlotExperts:
 
     def grouped_factors(self, name: str, routing: Routing, dtype: torch.dtype
                         ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """The hit experts' factors as A [G, r, in], B [G, out, r] and the scaling to apply: views of the
-        parameters (gradients flow back into them) while training, the cached scaled copies otherwise. With an
-        expert selection, hit experts that are not selected get zero factors that are not parameters (no gradient
-        reaches anything for them); None when no hit expert is selected (the adapter adds nothing here)."""
+        """Training: the hit experts' factors as A [G, r, in], B [G, out, r] (views of the parameters: gradients
+        flow back into them) and the scaling to apply. With an expert selection, hit experts that are not selected
+        get zero factors that are not parameters (no gradient reaches anything for them); None when no hit expert
+        is selected (the adapter adds nothing here)."""
         a, b = self.lora_A[name], self.lora_B[name]
-        if self.training or (torch.is_grad_enabled() and a.requires_grad):
-            s = self.num_slots
-            a_s = a.view(s, self.r, a.shape[-1])
-            # lora_B's columns are rank-major (expert fastest): one copy to expert-major for the batched products
-            b_s = b.view(b.shape[0], self.r, s).permute(2, 0, 1)
-            if self.expert_ids is None:
-                return routing.select(a_s).to(dtype), routing.select(b_s).contiguous().to(dtype), self.scaling
-            slots = self.slot_of.index_select(0, routing.hit)
-            dst = (slots >= 0).nonzero().flatten()  # the hit experts that are selected ...
-            if dst.numel() == 0:
-                return None
-            idx = slots.index_select(0, dst)       # ... and their slots; the other hit experts get zero factors
-            a_g = _SlotGather.apply(a_s, idx, dst, routing.groups)
-            b_g = _SlotGather.apply(b_s, idx, dst, routing.groups)
-            return a_g.to(dtype), b_g.to(dtype), self.scaling
+        s = self.num_slots
+        a_s = a.view(s, self.r, a.shape[-1])
+        # lora_B's columns are rank-major (expert fastest): one copy to expert-major for the batched products
+        b_s = b.view(b.shape[0], self.r, s).permute(2, 0, 1)
+        if self.expert_ids is None:
+            return routing.select(a_s).to(dtype), routing.select(b_s).contiguous().to(dtype), self.scaling
+        slots = self.slot_of.index_select(0, routing.hit)
+        dst = (slots >= 0).nonzero().flatten()  # the hit experts that are selected ...
+        if dst.numel() == 0:
+            return None
+        idx = slots.index_select(0, dst)       # ... and their slots; the other hit experts get zero factors
+        a_g = _SlotGather.apply(a_s, idx, dst, routing.groups)
+        b_g = _SlotGather.apply(b_s, idx, dst, routing.groups)
+        return a_g.to(dtype), b_g.to(dtype), self.scaling
+
+    def grouped_delta(self, name: str, routing: Routing, x: torch.Tensor) -> torch.Tensor | None:
+        """Inference: this adapter's update of the rows x (`routing`'s layout) by the product a uniform serving slot
+        runs (studio.lora.layers._expert_lora) on the cached scaled factors; None when no hit expert is selected."""
         if self.expert_ids is not None and not bool((self.slot_of.index_select(0, routing.hit) >= 0).any()):
             return None
-        a_all, b_all = self.inference_factors(name, dtype)
-        return routing.select(a_all), routing.select(b_all), 1.0
+        a_all, b_all = self.inference_factors(name, x.dtype)
+        return _expert_lora(routing, x, a_all, b_all)
 
     def train(self, mode: bool = True):
         # Fused AdamW updates parameters without bumping their version counter, so the inference cache is also
@@ -210,10 +222,8 @@ class OneSlotExperts:
         version = (a._version, b._version)
         hit = self._inference_cache.get(key)
         if hit is None or hit[0] != version:
-            e = self.num_experts
-            a_full, b_full = self.expand("A", a.detach()), self.expand("B", b.detach())
-            a_all = a_full.view(e, self.r, a.shape[-1]).to(dtype).contiguous()
-            b_all = (b_full.view(b.shape[0], self.r, e).permute(2, 0, 1) * self.scaling).to(dtype).contiguous()
-            hit = (version, a_all, b_all)
+            a_all, b_all = peft_to_slot_layout(self.expand("A", a.detach()), self.expand("B", b.detach()), self.r,
+                                               self.scaling)
+            hit = (version, a_all.to(dtype).contiguous(), b_all.to(dtype).contiguous())
             self._inference_cache[key] = hit
         return hit[1], hit[2]

@@ -1,8 +1,8 @@
 """Attach, save and load LoRA adapters on a studio-loaded base.
 
-Linear targets (attention, shared experts, dense MLP) are wrapped in the studio's SlotLinear (studio/lora/slots.py,
+Linear targets (attention, shared experts, dense MLP) are wrapped in the studio's SlotLinear (studio/lora/layers.py,
 the layer serving uses too; here one named slot per adapter, PEFT's layout and init); routed experts get an
-ExpertSlots in its trainable one-slot form (studio/lora/experts.py) on their StudioExperts. Saved adapters are plain
+ExpertAdapter (studio/lora/experts.py) on their StudioExperts. Saved adapters are plain
 PEFT artifacts: `adapter_config.json` (`target_modules` + `target_parameters`) and `adapter_model.safetensors`,
 loadable by `peft.PeftModel.from_pretrained` on the unquantized base, plus `studio_adapter.json` metadata.
 """
@@ -19,16 +19,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from studio.errors import ModelError
-from studio.moe.experts import StudioExperts
+from studio.lora.layers import SlotLinear
 from studio.lora.plan import LoraPlan, LoraSettings
+from studio.moe.experts import StudioExperts
 
 PREFIX = "base_model.model."
 METADATA_FILE = "studio_adapter.json"
 
 
 def _lora_layers(model: nn.Module):
-    from studio.lora.slots import SlotLinear
-
     for name, module in model.named_modules():
         if isinstance(module, SlotLinear):
             yield name, module
@@ -50,8 +49,6 @@ def _peft_config(plan: LoraPlan, base_id: str | None, inference: bool):
 
 def apply_plan(model: nn.Module, plan: LoraPlan, adapter: str = "default", trainable: bool = True) -> None:
     """Add adapter `adapter` to the model as planned (LoRA B starts at zero: the model is unchanged)."""
-    from studio.lora.slots import SlotLinear
-
     s = plan.settings
     targets = set(plan.linear_targets)
     missing = sorted(targets - {n for n, _ in model.named_modules()})
@@ -99,7 +96,7 @@ def adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter
 
 
 def _expert_entries(model: nn.Module, adapter: str) -> dict[str, tuple]:
-    """PEFT-format key -> (one-slot ExpertSlots, fused parameter name, "A" | "B") for one adapter's routed-expert
+    """PEFT-format key -> (ExpertAdapter, fused parameter name, "A" | "B") for one adapter's routed-expert
     factors."""
     out = {}
     for name, module in model.named_modules():

@@ -3,8 +3,8 @@
 Owns `StudioExperts`, which replaces a transformers fused-experts module (`mlp.experts` with 3D `gate_up_proj` /
 `down_proj`): the quantized storage (NF4/FP4/int8 per expert, `ExpertQuant`, `quantize_expert_stack`), dequantizing
 experts, and the forward (grouped path in studio/moe/grouped.py, eager per-expert loop as its reference), applying
-the adapters it holds. Its LoRA layer is ExpertSlots (studio/lora/slots.py): named adapters in its trainable
-one-slot form (studio/lora/experts.py), serving slots in its stacked form. Written by hand because neither
+the adapters it holds. Its LoRA layers: named adapters as ExpertAdapter (studio/lora/experts.py, trainable), serving
+slots as ExpertSlots (studio/lora/layers.py, stacked slot buffers). Written by hand because neither
 bitsandbytes (quantizes only nn.Linear) nor PEFT (its `ParamWrapper` re-materialises W + BA for the whole expert
 stack, cannot wrap a quantized tensor and refuses dropout and mixed-adapter batches) covers it. It computes the same
 function as PEFT's `target_parameters` LoRA and stores its factors in the same layout, so saved adapters load with
@@ -125,7 +125,7 @@ class StudioExperts(nn.Module):
 
     Forward signature and routing loop match transformers' eager experts; only the projections differ:
     each hit expert's weight is dequantized alone, and each adapter's low-rank update is applied only to the
-    tokens routed to that expert. Serving installs slot buffers (`lora_slots`, studio.lora.slots), which then
+    tokens routed to that expert. Serving installs slot buffers (`lora_slots`, studio.lora.layers), which then
     apply each token's own adapter; the adapters here are the trainable ones (and single-adapter inference).
     """
 
@@ -171,7 +171,7 @@ class StudioExperts(nn.Module):
         self.workspace_bytes = DEFAULT_WORKSPACE_BYTES
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
-        self.lora_slots = None  # studio.lora.slots.ExpertSlots when a serving engine owns this base
+        self.lora_slots = None  # studio.lora.layers.ExpertSlots when a serving engine owns this base
 
     # ---------- storage ----------
     def layout(self, name: str) -> tuple[int, int, int, bool]:
@@ -283,8 +283,8 @@ class StudioExperts(nn.Module):
     def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float = 0.0,
                     targets: tuple[str, ...] | None = None, use_rslora: bool = False,
                     experts: list[int] | None = None):
-        """A named adapter: ExpertSlots' trainable one-slot form (studio/lora/slots.py), as `adapters[adapter]`."""
-        from studio.lora.slots import ExpertSlots
+        """A named adapter: an ExpertAdapter (studio/lora/experts.py), as `adapters[adapter]`."""
+        from studio.lora.experts import ExpertAdapter
 
         if adapter in self.adapters:
             raise ValueError(f"adapter {adapter!r} already exists on this experts module")
@@ -292,7 +292,7 @@ class StudioExperts(nn.Module):
         if unknown:
             raise ValueError(f"unknown expert parameters {sorted(unknown)}; have {list(self.weight_names)}")
         device = next(iter(self.buffers()), next(iter(self.parameters()), torch.empty(0))).device
-        lora = ExpertSlots.one_slot(self.lora_layouts(targets), r, alpha, dropout, use_rslora, experts).to(device)
+        lora = ExpertAdapter(self.lora_layouts(targets), r, alpha, dropout, use_rslora, experts).to(device)
         self.adapters[adapter] = lora
         if not self.active_adapters:
             self.active_adapters = [adapter]
@@ -357,18 +357,29 @@ class StudioExperts(nn.Module):
         return routing.combine(out, top_k_weights).to(hidden_states.dtype)
 
     def _grouped_project(self, name: str, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """x W_e (+ bias) + the active adapters' LoRA for rows in `routing`'s layout (one autograd Function)."""
-        scalings, lora = [], []
+        """x W_e (+ bias) + the active adapters' LoRA for rows in `routing`'s layout: training adapters inside one
+        autograd Function (its fused backward), adapters in inference by the product a serving slot runs."""
+        scalings, lora, inference = [], [], []
         for adapter in self.active_adapters:
             ad = self.adapters[adapter]
-            if name in ad.lora_A:
-                factors = ad.grouped_factors(name, routing, x.dtype)
-                if factors is None:  # none of the hit experts is in this adapter's expert selection
-                    continue
-                a, b, s = factors
-                scalings.append(s)
-                lora += [ad.dropout(x), a, b]
-        return GroupedExpertProjection.apply(x, self, name, routing, tuple(scalings), *lora)
+            if name not in ad.lora_A:
+                continue
+            if not ad.trains(name):
+                inference.append(ad)
+                continue
+            factors = ad.grouped_factors(name, routing, x.dtype)
+            if factors is None:  # none of the hit experts is in this adapter's expert selection
+                continue
+            a, b, s = factors
+            scalings.append(s)
+            lora += [ad.dropout(x), a, b]
+        y = GroupedExpertProjection.apply(x, self, name, routing, tuple(scalings), *lora)
+        in_place = not torch.is_grad_enabled()
+        for ad in inference:
+            d = ad.grouped_delta(name, routing, x)
+            if d is not None:  # None: no hit expert is in this adapter's expert selection
+                y = y.add_(d) if in_place else y + d
+        return y
 
     def _forward_eager(self, hidden_states, top_k_index, top_k_weights):
         final = torch.zeros_like(hidden_states)
