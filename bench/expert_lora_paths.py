@@ -4,14 +4,14 @@
     python bench/expert_lora_paths.py --threads 1 --cold
 
 For decode-sized and prefill-sized routings of the bench/serve.py models (16 experts top-2 with hidden 512 and
-expert width 768; 64 experts top-8 with width 192; 12 decode rows, 32-token prompts) in the jagged layout (the one
+expert width 768; 64 experts top-8 with width 192; 12 and 32 decode rows, prefills of 96 and 384 tokens) in the jagged layout (the one
 where the choice matters: padded routing is the hit-expert grid already), times one projection's expert LoRA (rank
 16) in one process three ways: studio.lora.layers._expert_lora on the grid of the hit experts (their factors
 gathered) and on grouped products (torch._grouped_mm), and, for reference, a grid of all experts that uses the
 factors in place (no gather; what the studio ran before). Prints the times, the path `_grid_pays` picks and whether
 it is the faster of the first two. --cold streams 64 MiB through the cache before every call,
 as the base's dequantized expert weights do between LoRA calls in a real forward. This is the measurement behind
-GRID_MACS_PER_GROUP and the padded-routing rule in studio/lora/layers.py.
+GRID_MAX_CAP, GRID_MAX_CAP_ONE_THREAD, GRID_MACS_PER_GROUP and the padded-routing rule in studio/lora/layers.py.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
     sys.path.insert(0, str(REPO))
 
 # (label, experts, top_k, tokens, (hidden, expert width)): the two bench/serve.py models, decode and prefill
-CASES = [("16 experts, decode", 16, 2, 12, (512, 768)), ("16 experts, prefill", 16, 2, 384, (512, 768)),
-         ("64 experts, decode", 64, 8, 12, (512, 192)), ("64 experts, prefill", 64, 8, 384, (512, 192))]
+CASES = [(f"{e} experts, {t} tokens", e, k, t, shape) for e, k, shape in ((16, 2, (512, 768)), (64, 8, (512, 192)))
+         for t in (12, 32, 96, 384)]  # 12 and 32 decode rows (a batch, 32 streams), then 12 prompts of 8 and 32 tokens
 
 
 def main(argv=None) -> int:

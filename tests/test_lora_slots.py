@@ -211,23 +211,37 @@ def test_mixed_expert_slots_equal_uniform_runs_row_by_row(grid, monkeypatch):
             assert slot is None or (alone[mine] - bare[mine]).abs().max() > 1e-2  # the slot's LoRA does change them
 
 
-def test_grid_pays_for_decode_routing_and_not_for_skewed_routing():
-    """The cost rule behind `_expert_lora`'s choice: a decode step's routing (a few rows per expert, jagged) runs on
-    the grid of the hit experts (measured 2-7x faster than the grouped loop at 64 experts top-8), padded routing is
-    that grid already, and a prefill with one expert taking most rows runs the grouped products."""
+def test_grid_pays_for_decode_routing_and_not_for_prefills_or_skewed_routing():
+    """The cost rule behind `_expert_lora`'s choice (measured with bench/expert_lora_paths.py): a decode step's routing
+    (a few rows per expert, jagged) runs on the grid of the hit experts (measured 2-7x faster than the grouped loop at
+    64 experts top-8); a 384-token prefill (~62 rows per expert) and a routing with one expert taking most rows run
+    the grouped products; in between (~20 rows per expert) the grid with 2 threads, the grouped loop with one; padded
+    routing is the grid already."""
     from studio.lora.layers import _grid_pays
     from studio.moe.grouped import Routing
 
     g = torch.Generator().manual_seed(0)
     experts, r, fan_in, fan_out = 64, 16, 512, 384
     a, b = torch.zeros(experts, r, fan_in), torch.zeros(experts, fan_out, r)
-    decode = Routing(torch.rand(12, experts, generator=g).topk(8, -1).indices, experts, "jagged")
-    assert decode.groups < experts and _grid_pays(decode, a, b)
+
+    def routing(tokens):
+        return Routing(torch.rand(tokens, experts, generator=g).topk(8, -1).indices, experts, "jagged")
+
+    decode, middle, prefill = routing(12), routing(96), routing(384)
+    assert decode.cap <= 8 and 12 < middle.cap < 32 < prefill.cap
     skewed_index = torch.rand(4096, experts, generator=g).topk(8, -1).indices
     skewed_index[:, 0] = 3  # every token's first choice is expert 3: its group holds 4096 rows, the others ~500
     skewed = Routing(skewed_index, experts, "jagged")
-    assert not _grid_pays(skewed, a, b)
-    assert _grid_pays(Routing(torch.tensor([[1, 2], [2, 1], [1, 2]]), experts, "padded"), a, b)
+    threads = torch.get_num_threads()
+    try:
+        for n, middle_pays in ((1, False), (2, True)):
+            torch.set_num_threads(n)
+            assert decode.groups < experts and _grid_pays(decode, a, b)
+            assert _grid_pays(middle, a, b) == middle_pays, n
+            assert not _grid_pays(prefill, a, b) and not _grid_pays(skewed, a, b)
+            assert _grid_pays(Routing(torch.tensor([[1, 2], [2, 1], [1, 2]]), experts, "padded"), a, b)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_named_slots_and_serving_slots_share_the_layers(tmp_path):

@@ -271,20 +271,28 @@ class SlotLinear(nn.Module):
         return f"{serving}adapters={list(self.lora_A)}"
 
 
-# Expert LoRA runs as two bmm over a zero-padded [hit groups, cap] grid (padded routing is that grid already) unless
-# jagged routing (some group far larger than the others) would make the grid mostly padding; then grouped products
-# (torch._grouped_mm, on the CPU a loop of small matmuls costing about this many multiply-adds per group) run instead.
-# Measured with bench/expert_lora_paths.py and on the bench/serve.py models' own decode routings (2026-12, 2 threads):
-# decode grids ran in 0.1-0.3 ms where the grouped loop took 0.5-1.3 ms; a 64-expert prefill's grid (1.2M padding
-# multiply-adds per group) 3.0 ms against 4.5 ms.
-GRID_MACS_PER_GROUP = 2 ** 21
+# Expert LoRA runs as two bmm over a zero-padded [hit groups, cap] grid (padded routing is that grid already) while
+# the fullest group holds few rows (decode); beyond that, or when jagged routing (one group far larger than the
+# others) would make the grid mostly padding, grouped products (torch._grouped_mm) run instead. On the CPU the grouped
+# products are a loop of small matmuls, one group after another, while bmm spreads its batch over the threads, so the
+# grid keeps paying up to a larger cap with more threads. bench/expert_lora_paths.py (2026-12-01, idle, warm caches,
+# r=16, the bench/serve.py models' shapes): the grid took 0.6-0.8x the grouped loop's time at cap 4-5, ties at cap 7-9
+# and 1.2-1.45x at cap 19-21 with 1 thread; with 2 threads 0.35-0.7x up to cap 21; at cap 61-62 (384-token prefills)
+# the grid took 1.5-9x the grouped loop's time with either (its zero-filled grid and outputs of several MiB each).
+GRID_MAX_CAP = 32             # largest cap the grid runs on with 2 or more torch threads ...
+GRID_MAX_CAP_ONE_THREAD = 12  # ... and with one
+GRID_MACS_PER_GROUP = 2 ** 21  # padding multiply-adds per hit group beyond which jagged routing goes grouped
 
 
 def _grid_pays(routing: Routing, a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `_expert_lora` runs on the grid of the hit groups rather than on grouped products: always for padded
-    routing, for jagged routing while the grid's padding costs less than GRID_MACS_PER_GROUP per hit group."""
+    routing (x is that grid); for jagged routing while the fullest group holds at most GRID_MAX_CAP rows
+    (GRID_MAX_CAP_ONE_THREAD with one torch thread) and the grid's padding costs less than GRID_MACS_PER_GROUP per
+    hit group."""
     if routing.layout == "padded":
         return True
+    if routing.cap > (GRID_MAX_CAP_ONE_THREAD if torch.get_num_threads() == 1 else GRID_MAX_CAP):
+        return False
     padding_macs = (routing.groups * routing.cap - routing.rows) * (a.shape[-1] + b.shape[1]) * a.shape[1]
     return padding_macs <= GRID_MACS_PER_GROUP * routing.groups
 
