@@ -4,14 +4,15 @@
     python bench/expert_lora_paths.py --threads 1 --cold
 
 For decode-sized and prefill-sized routings of the bench/serve.py models (16 experts top-2 with hidden 512 and
-expert width 768; 64 experts top-8 with width 192; 12 and 32 decode rows, prefills of 96 and 384 tokens) in the jagged layout (the one
-where the choice matters: padded routing is the hit-expert grid already), times one projection's expert LoRA (rank
-16) in one process three ways: studio.lora.layers._expert_lora on the grid of the hit experts (their factors
-gathered) and on grouped products (torch._grouped_mm), and, for reference, a grid of all experts that uses the
-factors in place (no gather; what the studio ran before). Prints the times, the path `_grid_pays` picks and whether
-it is the faster of the first two. --cold streams 64 MiB through the cache before every call,
-as the base's dequantized expert weights do between LoRA calls in a real forward. This is the measurement behind
-GRID_MAX_CAP, GRID_MAX_CAP_ONE_THREAD, GRID_MACS_PER_GROUP and the padded-routing rule in studio/lora/layers.py.
+expert width 768; 64 experts top-8 with width 192; 12 and 32 decode rows, prefills of 96 and 384 tokens) in the
+jagged layout (the one where the choice matters: padded routing is the hit-expert grid already), times one
+projection's expert LoRA (rank 16) in one process three ways: studio.lora.layers._expert_lora on the grid of the hit
+experts (their factors gathered) and on grouped products (torch._grouped_mm), and, for reference, a grid of all
+experts that uses the factors in place (no gather; what the studio ran before). Prints the times, the path
+`_grid_pays` picks and whether it is the faster of the first two. --cold streams 64 MiB through the cache before
+every call, as the base's dequantized expert weights do between LoRA calls in a real forward. This is the measurement
+behind GRID_MAX_CAP, GRID_MAX_CAP_ONE_THREAD, GRID_MACS_PER_GROUP and the padded-routing rule in
+studio/lora/layers.py.
 """
 
 from __future__ import annotations
