@@ -10,11 +10,11 @@ here (the engine's residency does) and saved files are not read here (studio/lor
 
 A forward where every row uses one slot runs two plain matmuls per linear, and per expert projection two batched
 matmuls over a zero-padded grid of the hit experts, their factors gathered from the slot's buffers (grouped products
-for skewed routing). A mixed forward runs, while it has few tokens (decode), every token through the used slots'
-linear factors as one masked rank (two matmuls on views of the buffers), else sorts its tokens by slot once for all
-linears; its experts sort the (slot, expert) assignments once per MoE layer over the used slots lo..hi (a view of
-the buffers) and run the same grid on the hit (slot, expert) groups. Nothing is rebuilt per adapter set and no PEFT
-code runs at serving time.
+once an expert holds many rows, as in prefills, or for skewed routing: `_grid_pays`). A mixed forward runs, while
+it has few tokens (decode), every token through the used slots' linear factors as one masked rank (two matmuls on
+views of the buffers), else sorts its tokens by slot once for all linears; its experts sort the (slot, expert)
+assignments once per MoE layer over the used slots lo..hi (a view of the buffers) and run the same grid on the hit
+(slot, expert) groups. Nothing is rebuilt per adapter set and no PEFT code runs at serving time.
 
 Training (studio.lora.io.apply_plan) uses SlotLinear with one named slot per adapter in PEFT's layout
 (`lora_A[name].weight` [r, in] / `lora_B[name].weight` [out, r]); routed experts train an ExpertAdapter
@@ -305,7 +305,8 @@ def _expert_lora(routing: Routing, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     another dtype than the activations cost a copy of the hit groups' factors only.
 
     The hit groups' factors are gathered (a view when every group is hit) and the rows go through them as two
-    batched matmuls over a zero-padded [hit groups, cap] grid. A grid over all groups would use the slot buffers in
+    batched matmuls over a zero-padded [hit groups, cap] grid, or as grouped products where `_grid_pays` says the
+    grid does not pay. A grid over all groups would use the slot buffers in
     place, without the gather, but its unhit groups' factors and zero rows cost more than the gather did
     (bench/expert_lora_paths.py: 1.15-1.5x slower at 12 of 16 and 48 of 64 experts hit, cold caches)."""
     a, b = routing.select(a), routing.select(b)
@@ -313,7 +314,7 @@ def _expert_lora(routing: Routing, x: torch.Tensor, a: torch.Tensor, b: torch.Te
         a, b = a.to(dtype), b.to(dtype)
     if routing.layout == "padded":  # x [G, cap, in] is the grid
         return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
-    if not _grid_pays(routing, a, b):  # skewed: grouped products on the jagged rows
+    if not _grid_pays(routing, a, b):  # many rows per group (prefill) or skewed: grouped products on the jagged rows
         return routing.mm(routing.mm(x, a.transpose(1, 2)), b.transpose(1, 2))
     g, cap = routing.groups, routing.cap
     idx = routing.grid_index()  # x [rows, in], rows sorted by group
