@@ -5,7 +5,11 @@ The same as `studio ui`; `python app.py --help` lists every option. The app live
 
 import sys
 
-from studio.ui.app import main
+from studio import _openmp
+
+_openmp.spin_between_operators()  # as `studio ui` does, before torch is imported (studio/_openmp.py)
+
+from studio.ui.app import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

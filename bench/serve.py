@@ -21,6 +21,9 @@ AND routed experts (random non-zero factors, rank 16; a trained adapter costs th
            medians and the median of each round's paired ratios are printed beside them, with the load average.
            --profile adds torch.profiler's operators whose self time grows most over the base's. Targets:
            mixed / single >= 0.9; single / base >= 0.9 (adapter overhead at most 10%).
+* steps:   the model's forward alone per decode step, the three kinds alternating every step (--step-rounds rounds
+           of new-tokens - 1 steps each): medians of the steps' paired ratios, less exposed to a shared machine's
+           slow spells than whole rounds, and without the engine's sampling and scheduling.
 * streams (--streams): a `studio serve` subprocess on the same base and adapters; N concurrent OpenAI streaming
            clients (the three adapters and the base in turn), decode tokens/s summed over the streams.
 
@@ -72,6 +75,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default). On small CPU machines 1 thread avoids OpenMP "
                         "wake-up costs on the many small decode ops")
+    p.add_argument("--step-rounds", type=int, default=3,
+                   help="rounds of the per-decode-step measurement (kinds alternating every step); 0: skip")
+    p.add_argument("--openmp", default="studio", choices=["studio", "library"],
+                   help="studio: the OpenMP wait settings `studio serve` runs with (studio/_openmp.py); library: "
+                        "libgomp's defaults, for an A/B (set before torch is imported; the streams' server inherits "
+                        "them)")
     p.add_argument("--streams", default="", help="comma-separated concurrent stream counts to measure through "
                    "`studio serve` (e.g. 1,8,32); empty: skip")
     p.add_argument("--stream-tokens", type=int, default=32, help="tokens generated per stream")
@@ -204,8 +213,57 @@ def operator_profile(engine, prompts, kinds, params, top: int = 12) -> dict:
     return self_ms
 
 
+def paired_steps(engine, prompts, kinds, params, rounds: int) -> dict:
+    """The model's forward per decode step, the kinds alternating every step (each with a cache of its own, the
+    order rotated every step): a slow spell of other work on a shared machine then falls on all kinds within
+    milliseconds, where whole rounds of `engine.generate` are seconds apart. Per kind: the median step time (ms);
+    per pair: the median over steps of the paired ratio. Each round starts from the prompts' prefill (not timed:
+    it is in the rounds above) and runs `params.max_tokens` - 1 greedy steps, on this thread with the engine's
+    model and slots (as operator_profile). Only the forward is timed: no sampling, scheduling or detokenizing."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    model, slots = engine.model, engine.residency.slots
+    encoded = [engine.tokenizer(p).input_ids for p in prompts]
+    width = min(len(e) for e in encoded)  # cut to one length: no padding or attention mask needed
+    ids = torch.tensor([e[:width] for e in encoded], device=engine.device)
+    slot_of = {ref: engine.residency.entries[ref].slot for ref in engine.resident()}
+    rows = {kind: [None if a is None else slot_of[a] for a in adapters] for kind, adapters in kinds.items()}
+    sync = torch.cuda.synchronize if str(engine.device).startswith("cuda") else (lambda: None)
+    times = {kind: [] for kind in kinds}
+
+    def forward(kind, step, cache):
+        with slots.rows(rows[kind], device=engine.device):
+            out = model(input_ids=step, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1:].argmax(-1), out.past_key_values
+
+    with engine.model_lock, torch.no_grad():
+        for _ in range(rounds):
+            state = {kind: forward(kind, ids, DynamicCache(config=model.config)) for kind in kinds}
+            order = list(kinds)
+            for i in range(params.max_tokens - 1):
+                for kind in order[i % len(order):] + order[:i % len(order)]:
+                    sync()
+                    t0 = time.perf_counter()
+                    state[kind] = forward(kind, *state[kind])
+                    sync()
+                    times[kind].append(time.perf_counter() - t0)
+
+    def paired(a, b):
+        return statistics.median(x / y for x, y in zip(times[b], times[a]))  # tokens/s ratio a / b
+
+    return {"step_ms_median": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+            "steps": len(times["base"]), "single_over_base": paired("single", "base"),
+            "mixed_over_single": paired("mixed", "single"), "mixed_over_base": paired("mixed", "base")}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from studio import _openmp
+
+    if args.openmp == "library":  # libgomp's defaults, in this process and the streams' `studio serve`
+        os.environ[_openmp.OPT_OUT] = "library"
+    _openmp.spin_between_operators()
     import torch
 
     from studio.adapters import load_adapter, save_random_adapter
@@ -221,7 +279,7 @@ def main(argv=None) -> int:
     base_ref = synthetic_base(args, work / "base") if args.base == "synthetic-qwen3-moe" else args.base
     quant = QuantSpec(args.quant)
     print(f"base {args.base} ({args.experts} experts, top-{args.top_k}) on {device} ({torch.get_num_threads()} torch "
-          f"threads), quant {args.quant}, LoRA r={args.r} on attention + routed experts")
+          f"threads), quant {args.quant}, LoRA r={args.r} on attention + routed experts; OpenMP: {_openmp.describe()}")
 
     # the adapters are made on a copy of the base of their own: the served model is never given PEFT's layers
     maker = load_base(base_ref, quant, "cpu")
@@ -305,6 +363,7 @@ def main(argv=None) -> int:
     medians = {k: statistics.median(v) for k, v in rates.items()}
     paired = {"single_over_base": statistics.median(s / b for s, b in zip(rates["single"], rates["base"])),
               "mixed_over_single": statistics.median(m / s for m, s in zip(rates["mixed"], rates["single"]))}
+    steps = paired_steps(engine, prompts, kinds, sp, args.step_rounds) if args.step_rounds else {}
     profile = operator_profile(engine, prompts, kinds, sp) if args.profile else {}
     engine.close()
     streams = {}
@@ -316,7 +375,7 @@ def main(argv=None) -> int:
             print(f"streams through studio serve failed: {exc}")
 
     results = {
-        "device": device, "threads": torch.get_num_threads(), "experts": args.experts, "top_k": args.top_k, "torch": torch.__version__, "platform": platform.platform(), "base": args.base,
+        "device": device, "threads": torch.get_num_threads(), "openmp": _openmp.describe(), "experts": args.experts, "top_k": args.top_k, "torch": torch.__version__, "platform": platform.platform(), "base": args.base,
         "base_params": params, "quant": args.quant, "r": args.r, "batch_size": args.batch_size,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "switch_s": switch, "cold_load_s": cold_load, "reload_s": reload,
@@ -325,7 +384,7 @@ def main(argv=None) -> int:
         "mixed_over_single": tps["mixed"] / tps["single"],
         "single_over_base": tps["single"] / tps["base"], "mixed_over_base": tps["mixed"] / tps["base"],
         "paired_round_ratios": paired, "load_average_before": load_before, "load_average_after": load_after,
-        "streams": streams, "profile_self_ms": profile,
+        "streams": streams, "profile_self_ms": profile, "paired_steps": steps,
     }
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     print(f"\nbase parameters: {params / 1e6:.1f}M; batch {args.batch_size} rows x {args.new_tokens} new tokens")
@@ -346,6 +405,12 @@ def main(argv=None) -> int:
     print(f"(medians: mixed / single {medians['mixed'] / medians['single']:.2f}x, single / base "
           f"{medians['single'] / medians['base']:.2f}x; median of the rounds' paired ratios: mixed / single "
           f"{paired['mixed_over_single']:.2f}x, single / base {paired['single_over_base']:.2f}x)")
+    if steps:
+        ms = steps["step_ms_median"]
+        print(f"decode step, kinds alternating every step ({steps['steps']} steps each): median base "
+              f"{ms['base']:.1f} ms, single {ms['single']:.1f} ms, mixed {ms['mixed']:.1f} ms; medians of the "
+              f"steps' paired ratios: single / base {steps['single_over_base']:.2f}x, mixed / single "
+              f"{steps['mixed_over_single']:.2f}x, mixed / base {steps['mixed_over_base']:.2f}x")
     print(f"load average (1, 5, 15 min) before the rounds {', '.join(f'{x:.2f}' for x in load_before)}, after "
           f"{', '.join(f'{x:.2f}' for x in load_after)} on {os.cpu_count()} CPUs")
     for n, v in streams.items():

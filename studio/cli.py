@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from studio import _openmp
 from studio.errors import StudioError
 
 # subcommand -> (module holding `register(subparsers)`, one-line help)
@@ -24,6 +25,8 @@ SUBCOMMANDS = {
     "export": ("studio.export", "write a registered adapter as PEFT files, per-expert LoRA or a merged checkpoint"),
     "ui": ("studio.ui.app", "launch the Gradio studio"),
 }
+# subcommands that decode from several threads: OpenMP workers spin between operators (studio/_openmp.py)
+DECODING = {"serve", "ui", "eval"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = argv[0]
     module_name, help_ = SUBCOMMANDS[name]
+    if name in DECODING:
+        _openmp.spin_between_operators()  # before the subcommand's module imports torch
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

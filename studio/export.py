@@ -77,7 +77,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> AdapterFiles:
     one module: the first listed parameter sits innermost, under one `.base_layer` per parameter listed after it."""
     from safetensors.torch import load_file
 
-    from studio.adapters import METADATA_FILE
+    from studio.lora.io import read_adapter_metadata
 
     d = Path(adapter_dir)
     try:
@@ -85,8 +85,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> AdapterFiles:
         weights = load_file(str(d / "adapter_model.safetensors"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{d} is not a readable PEFT adapter directory: {exc}") from exc
-    meta_path = d / METADATA_FILE
-    metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    metadata = read_adapter_metadata(d)
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ModelError(f"{d}: per-module ranks or alphas (rank_pattern/alpha_pattern) are not supported by "
                          "export; studio adapters use one rank and one alpha")

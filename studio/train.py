@@ -156,10 +156,9 @@ def check_resumable(checkpoint: str, plan, saved: set[str], live: set[str]) -> N
     left over. Otherwise a ModelError names the difference and the fix (a left-over tensor would otherwise surface
     as torch's "parameter group that doesn't match the size" from the optimizer, a different rank as a shape
     error blaming the base)."""
-    from studio.lora.io import METADATA_FILE
+    from studio.lora.io import read_adapter_metadata
 
-    meta_path = Path(checkpoint) / METADATA_FILE
-    recorded = json.loads(meta_path.read_text()).get("plan") or {} if meta_path.exists() else {}
+    recorded = read_adapter_metadata(checkpoint).get("plan") or {}
     was, now = recorded.get("settings") or {}, asdict(plan.settings)
 
     def flag(key, value):

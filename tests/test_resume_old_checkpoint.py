@@ -110,3 +110,22 @@ def test_resuming_under_another_plan_names_the_difference(tmp_path, change, erro
                       output=str(tmp_path / "run"), resume=str(ckpt))
     with pytest.raises(ModelError, match=error):
         run_training(cfg, log=lambda *_: None)
+
+
+def test_a_corrupt_checkpoint_metadata_file_is_named_with_its_line_and_column(tmp_path):
+    """A truncated studio_adapter.json in the checkpoint: a ModelError naming the file, where the JSON broke and
+    the fix (before: a raw JSONDecodeError from the resume check), and the checkpoint left as it was. ~1 s."""
+    from studio.errors import ModelError
+
+    expected = json.loads((FIXTURE / "expected.json").read_text())
+    ckpt = tmp_path / expected["checkpoint"]
+    shutil.copytree(FIXTURE / expected["checkpoint"], ckpt)
+    meta = ckpt / "studio_adapter.json"
+    meta.write_text(meta.read_text()[:40])
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    cfg = TrainConfig(**expected["config"], dataset=str(FIXTURE / "train.jsonl"), output=str(tmp_path / "run"),
+                      resume=str(ckpt))
+    with pytest.raises(ModelError, match=r"studio_adapter\.json is not valid JSON \(line \d+, column \d+: .*\); "
+                                         r"restore it, or delete it"):
+        run_training(cfg, log=lambda *_: None)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before

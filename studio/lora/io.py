@@ -228,14 +228,42 @@ def _sort_config_lists(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def _json_object(path: Path, fix: str) -> dict:
+    """A JSON file that must hold an object, or a ModelError naming the file, where it broke and `fix`."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); {fix}") \
+            from None
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{path} is not UTF-8 text (byte {exc.start}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path} must hold a JSON object, not {type(obj).__name__}; {fix}")
+    return obj
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
+    """A saved adapter's adapter_config.json (PEFT's), or a ModelError saying what is wrong with it."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.exists():
+        raise ModelError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    return _json_object(path, "save the adapter again, or restore the file from the registry or a remote store")
+
+
+def read_adapter_metadata(adapter_dir: str | os.PathLike) -> dict:
+    """A saved adapter's or checkpoint's studio metadata (METADATA_FILE): plan, base, dataset, metrics; {} for a
+    plain PEFT adapter without one. A corrupt file is a ModelError naming it, not a raw JSONDecodeError."""
+    path = Path(adapter_dir) / METADATA_FILE
+    if not path.exists():
+        return {}
+    return _json_object(path, "restore it, or delete it to use the adapter as plain PEFT files without the studio's "
+                              "lineage and plan")
+
+
 def plan_from_config(model: nn.Module, adapter_dir: str | os.PathLike) -> LoraPlan:
     """Rebuild the LoRA plan of a saved adapter from its adapter_config.json."""
-    cfg_path = Path(adapter_dir) / "adapter_config.json"
-    if not cfg_path.exists():
-        raise ModelError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-    cfg = json.loads(cfg_path.read_text())
-    meta_path = Path(adapter_dir) / METADATA_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    cfg = read_adapter_config(adapter_dir)
+    meta = read_adapter_metadata(adapter_dir)
     settings = LoraSettings(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
                             dropout=float(meta.get("plan", {}).get("settings", {}).get("dropout", 0.0)),
                             use_rslora=bool(cfg.get("use_rslora", False)))

@@ -419,7 +419,7 @@ class ExpertSlots(nn.Module):
         rows = routing.from_layout(x).index_select(0, position)
         d = by_slot.from_layout(_expert_lora(by_slot, by_slot.to_layout(rows), flat_a, flat_b, x.dtype))
         y_rows = routing.from_layout(y)  # y itself in the jagged layout (added to in place: no autograd here)
-        y_rows.index_add_(0, position, d.to(y_rows.dtype))
+        y_rows.index_add_(0, position, d)  # _expert_lora gave x's dtype, the projection's
         return routing.to_layout(y_rows) if routing.layout == "padded" else y_rows
 
 

@@ -14,7 +14,6 @@ which adapter lives in which slot is decided by the engine's residency (studio/s
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,14 +93,14 @@ class LoraSlots:
         cleared). Every tensor must fit: missing / unexpected keys and shape mismatches raise ModelError."""
         from safetensors.torch import load_file
 
-        from studio.lora.io import plan_from_config
+        from studio.lora.io import plan_from_config, read_adapter_config
 
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"slot {slot} out of range 0..{self.max_slots - 1}")
         plan = plan_from_config(self.model, adapter_dir)
         if plan.router_targets:
             raise ModelError("this adapter retrains the router; serving it beside other adapters is not supported yet")
-        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        cfg = read_adapter_config(adapter_dir)
         r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
         scaling = lora_scaling(r, alpha, bool(cfg.get("use_rslora")))
         weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
