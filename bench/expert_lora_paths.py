@@ -1,4 +1,4 @@
-"""Expert slot LoRA per call: the zero-padded grid of the hit experts, the grouped products, a grid of all experts.
+"""Expert slot LoRA per call: the padded grid of the hit experts, the grouped products, a grid of all experts.
 
     python bench/expert_lora_paths.py --threads 2
     python bench/expert_lora_paths.py --threads 1 --cold

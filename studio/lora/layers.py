@@ -9,7 +9,7 @@ experts (serving slots and an ExpertAdapter in inference run it). Which adapter 
 here (the engine's residency does) and saved files are not read here (studio/lora/slots.py writes them in).
 
 A forward where every row uses one slot runs two plain matmuls per linear, and per expert projection two batched
-matmuls over a zero-padded grid of the hit experts, their factors gathered from the slot's buffers (grouped products
+matmuls over a padded grid of the hit experts, their factors gathered from the slot's buffers (grouped products
 once an expert holds many rows, as in prefills, or for skewed routing: `_grid_pays`). A mixed forward runs, while
 it has few tokens (decode), every token through the used slots' linear factors as one masked rank (two matmuls on
 views of the buffers), else sorts its tokens by slot once for all linears; its experts sort the (slot, expert)
@@ -271,7 +271,7 @@ class SlotLinear(nn.Module):
         return f"{serving}adapters={list(self.lora_A)}"
 
 
-# Expert LoRA runs as two bmm over a zero-padded [hit groups, cap] grid (padded routing is that grid already) while
+# Expert LoRA runs as two bmm over a padded [hit groups, cap] grid (padded routing is that grid already) while
 # the fullest group holds few rows (decode); beyond that, or when jagged routing (one group far larger than the
 # others) would make the grid mostly padding, grouped products (torch._grouped_mm) run instead. On the CPU the grouped
 # products are a loop of small matmuls, one group after another, while bmm spreads its batch over the threads, so the
@@ -305,7 +305,7 @@ def _expert_lora(routing: Routing, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     another dtype than the activations cost a copy of the hit groups' factors only.
 
     The hit groups' factors are gathered (a view when every group is hit) and the rows go through them as two
-    batched matmuls over a zero-padded [hit groups, cap] grid, or as grouped products where `_grid_pays` says the
+    batched matmuls over a padded [hit groups, cap] grid, or as grouped products where `_grid_pays` says the
     grid does not pay. A grid over all groups would use the slot buffers in
     place, without the gather, but its unhit groups' factors and zero rows cost more than the gather did
     (bench/expert_lora_paths.py: 1.15-1.5x slower at 12 of 16 and 48 of 64 experts hit, cold caches)."""
@@ -317,10 +317,11 @@ def _expert_lora(routing: Routing, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     if not _grid_pays(routing, a, b):  # many rows per group (prefill) or skewed: grouped products on the jagged rows
         return routing.mm(routing.mm(x, a.transpose(1, 2)), b.transpose(1, 2))
     g, cap = routing.groups, routing.cap
-    idx = routing.grid_index()  # x [rows, in], rows sorted by group
-    grid = x.new_zeros(g * cap, x.shape[-1]).index_copy_(0, idx, x)
+    # x [rows, in], rows sorted by group, into the grid in one gather: padding cells get a copy of a real row
+    # instead of zeros (no fill), and their products are never read back
+    grid = x.index_select(0, routing.grid_rows())
     d = torch.bmm(torch.bmm(grid.view(g, cap, -1), a.transpose(1, 2)), b.transpose(1, 2))
-    return d.view(g * cap, -1).index_select(0, idx)
+    return d.view(g * cap, -1).index_select(0, routing.grid_index())
 
 
 class ExpertSlots(nn.Module):

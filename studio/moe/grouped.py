@@ -122,6 +122,7 @@ class Routing:
         self.starts = [0] + ends.tolist()[:-1] if self.groups else []
         self._first_row = ends - counts_t
         self._grid_index = None
+        self._grid_rows = None
         if layout == "padded":
             self.pad_index = self.group_of_row * self.cap + self.rank_in_group()
 
@@ -136,6 +137,15 @@ class Routing:
             self._grid_index = (self.pad_index if self.layout == "padded"
                                 else self.group_of_row * self.cap + self.rank_in_group())
         return self._grid_index
+
+    def grid_rows(self) -> torch.Tensor:
+        """[groups * cap] for every cell of the [groups, cap] grid the sorted row it holds; padding cells name row 0
+        (`rows.index_select(0, grid_rows())` fills the grid in one op; what lands in padding cells is never read)."""
+        if self._grid_rows is None:
+            idx = self.grid_index()
+            self._grid_rows = torch.zeros(self.groups * self.cap, dtype=torch.long, device=idx.device).index_copy_(
+                0, idx, torch.arange(self.rows, device=idx.device))
+        return self._grid_rows
 
     # ---- moving rows in and out of the layout ----
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
