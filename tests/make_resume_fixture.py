@@ -1,11 +1,12 @@
 """Write the old-release checkpoint fixture that tests/test_resume_old_checkpoint.py resumes with today's code.
 
     python tests/make_resume_fixture.py [--commit 9da9c50] [--out tests/assets/resume_9da9c50] [--compare-commit C]
+    python tests/make_resume_fixture.py --expert-selection top:2 --out tests/assets/resume_9da9c50_top2
 
 It extracts the studio at --commit (`git archive`, into a temporary directory outside the repository; nothing in
 the repository's git metadata changes), runs that commit's trainer in a subprocess on the embedded tiny-moe base
 (4-bit experts, attention + expert LoRA, a quickstart-like recipe at r=4 to keep the files small) for 6 steps with
-a checkpoint at step 3, and copies into --out: the checkpoint directory exactly as that trainer wrote it, the
+a checkpoint at step 3 (with --expert-selection, LoRA on the selected experts only), and copies into --out: the checkpoint directory exactly as that trainer wrote it, the
 training data, the run's config and the per-step losses the uninterrupted run logged (expected.json), and a
 PROVENANCE.md. Needs the same venv as the tests (the libraries are recorded in expected.json); ~30 s on 2 cores
 (twice that with --compare-commit, which also runs an older trainer and records whether its checkpoint is the same).
@@ -66,9 +67,9 @@ class OldRunFailed(RuntimeError):
     pass
 
 
-def train_at(commit: str, tmp: Path, data: Path) -> tuple[Path, dict, dict]:
-    """Run `commit`'s trainer (extracted under `tmp`) on `data`; returns its run directory, its losses by step and
-    what the driver printed."""
+def train_at(commit: str, tmp: Path, data: Path, config: dict) -> tuple[Path, dict, dict]:
+    """Run `commit`'s trainer (extracted under `tmp`) with `config` on `data`; returns its run directory, its losses
+    by step and what the driver printed."""
     old = tmp / "old"
     old.mkdir()
     archive = tmp / "old.tar"
@@ -76,7 +77,7 @@ def train_at(commit: str, tmp: Path, data: Path) -> tuple[Path, dict, dict]:
         subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True, stdout=f)
     with tarfile.open(archive) as tar:
         tar.extractall(old, filter="data")
-    cfg = dict(CONFIG, dataset=str(data), output=str(tmp / "run"))
+    cfg = dict(config, dataset=str(data), output=str(tmp / "run"))
     # the old code alone on sys.path; every registry and cache in the temporary directory; offline
     env = dict(os.environ, PYTHONPATH=str(old), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                STUDIO_MODELS_CACHE=str(tmp / "models"), STUDIO_DATASETS_ROOT=str(tmp / "datasets"),
@@ -101,10 +102,13 @@ def main(argv=None) -> int:
     parser.add_argument("--commit", default="9da9c50", help="the older commit whose trainer writes the checkpoint")
     parser.add_argument("--out", default=str(REPO / "tests" / "assets" / "resume_9da9c50"),
                         help="fixture directory (replaced)")
+    parser.add_argument("--expert-selection", default="all",
+                        help="the run's --expert-selection (e.g. top:2: a checkpoint of an expert-selective adapter)")
     parser.add_argument("--compare-commit", default=None,
                         help="also run this commit's trainer and record whether it writes the same checkpoint bytes "
                              "and losses (e.g. b698ba8, the last with PEFT's LoRA layers in training)")
     args = parser.parse_args(argv)
+    config = CONFIG if args.expert_selection == "all" else dict(CONFIG, expert_selection=args.expert_selection)
     commit = git("rev-parse", "--verify", f"{args.commit}^{{commit}}")
     subject = subject_of(commit)
     out = Path(args.out)
@@ -115,11 +119,11 @@ def main(argv=None) -> int:
         write_dataset(data)
         try:
             (tmp / "a").mkdir()
-            run, losses, ran = train_at(commit, tmp / "a", data)
+            run, losses, ran = train_at(commit, tmp / "a", data, config)
             if args.compare_commit:
                 other = git("rev-parse", "--verify", f"{args.compare_commit}^{{commit}}")
                 (tmp / "b").mkdir()
-                run_b, losses_b, _ = train_at(other, tmp / "b", data)
+                run_b, losses_b, _ = train_at(other, tmp / "b", data, config)
                 ckpt_a, ckpt_b = (r / "checkpoints" / f"checkpoint-{CHECKPOINT_STEP}" for r in (run, run_b))
                 names = sorted(p.name for p in ckpt_a.iterdir())
                 differ = [n for n in names if not (ckpt_b / n).is_file()
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
         shutil.copy(data, out / "train.jsonl")
         expected = {
             "commit": commit, "subject": subject, "checkpoint": f"checkpoint-{CHECKPOINT_STEP}",
-            "config": CONFIG, "losses": losses, "torch_threads": ran["threads"],
+            "config": config, "losses": losses, "torch_threads": ran["threads"],
             "base_fingerprint": meta["base"]["fingerprint"], "library_versions": meta["library_versions"],
             "trainable_params": meta["plan"]["trainable_params"],
         }
@@ -151,9 +155,10 @@ def main(argv=None) -> int:
     versions = ", ".join(f"{k} {v}" for k, v in meta["library_versions"].items())
     (out / "PROVENANCE.md").write_text(PROVENANCE.format(
         commit=commit, short=commit[:7], subject=subject, step=CHECKPOINT_STEP, step_next=CHECKPOINT_STEP + 1,
-        steps=CONFIG["max_steps"], config=json.dumps(CONFIG), threads=ran["threads"], out=shown, size=size,
+        steps=CONFIG["max_steps"], config=json.dumps(config), threads=ran["threads"], out=shown, size=size,
         versions=versions, same_as=same_as,
-        compare=f" --compare-commit {args.compare_commit}" if args.compare_commit else ""))
+        compare=(f" --expert-selection {args.expert_selection}" if args.expert_selection != "all" else "")
+        + (f" --compare-commit {args.compare_commit}" if args.compare_commit else "")))
     print(f"wrote {out} ({size / 1e6:.2f} MB); losses by step: {losses}")
     return 0
 

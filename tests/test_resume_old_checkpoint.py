@@ -14,13 +14,15 @@ from safetensors.torch import load_file
 from studio.train import TrainConfig, run_training
 
 FIXTURE = Path(__file__).parent / "assets" / "resume_9da9c50"
+# the same run with --expert-selection top:2 (LoRA on 2 of each layer's 8 experts: a compact parameter layout)
+SELECTIVE = Path(__file__).parent / "assets" / "resume_9da9c50_top2"
 # Relative tolerance on the resumed losses. On the recording's CPU at its thread count they are bit-equal; CPU
 # kernels may split reductions differently on other CPUs or thread counts: at 1 thread instead of 2 step 6 moved by
 # 6e-7. What breaking resume does is 40x or more larger (measured by patching today's trainer): Adam's first moment
 # of one tensor lost 3e-5..8e-5 (steps 5, 6), the RNG state (dropout masks) not restored 2.6e-4 from step 4, the
 # optimizer state lost 1.8e-2, the LR schedule restarted 2.3e-2.
 TOLERANCE = 2e-6
-REGENERATE = "python tests/make_resume_fixture.py (see tests/assets/resume_9da9c50/PROVENANCE.md)"
+REGENERATE = "python tests/make_resume_fixture.py (see the fixture's PROVENANCE.md)"
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -28,15 +30,17 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in events if e.get("event") == "log" and "loss" in e}
 
 
-def test_resume_from_an_older_release_checkpoint(tmp_path):
-    """The fixture's checkpoint (step 3 of 6; 4-bit tiny-moe, attention + expert LoRA with dropout) resumes to step 6
-    with every tensor it holds and none missing, the resumed steps' losses equal those the old, uninterrupted run
-    logged (bit-equal on the recording's CPU and thread count; TOLERANCE says why 2e-6 elsewhere), and the final
-    adapter loads in plain PEFT. ~10 s: one model load and 3 training steps."""
-    expected = json.loads((FIXTURE / "expected.json").read_text())
+@pytest.mark.parametrize("fixture", [FIXTURE, SELECTIVE], ids=["all-experts", "expert-selection"])
+def test_resume_from_an_older_release_checkpoint(tmp_path, fixture):
+    """The fixture's checkpoint (step 3 of 6; 4-bit tiny-moe, attention + expert LoRA with dropout, on every expert
+    or on a top:2 expert selection) resumes to step 6 with every tensor it holds and none missing, the resumed steps'
+    losses equal those the old, uninterrupted run logged (bit-equal on the recording's CPU and thread count;
+    TOLERANCE says why 2e-6 elsewhere), and the final adapter loads in plain PEFT. ~10 s each: one model load and 3
+    training steps."""
+    expected = json.loads((fixture / "expected.json").read_text())
     ckpt = tmp_path / expected["checkpoint"]
-    shutil.copytree(FIXTURE / expected["checkpoint"], ckpt)  # resuming never writes into the repository
-    shutil.copy(FIXTURE / "train.jsonl", tmp_path / "train.jsonl")
+    shutil.copytree(fixture / expected["checkpoint"], ckpt)  # resuming never writes into the repository
+    shutil.copy(fixture / "train.jsonl", tmp_path / "train.jsonl")
     old_weights = load_file(str(ckpt / "adapter_model.safetensors"))
     cfg = TrainConfig(**expected["config"], dataset=str(tmp_path / "train.jsonl"), output=str(tmp_path / "run"),
                       resume=str(ckpt))
@@ -59,6 +63,8 @@ def test_resume_from_an_older_release_checkpoint(tmp_path):
     assert {k: (v.shape, v.dtype) for k, v in new_weights.items()} == {
         k: (v.shape, v.dtype) for k, v in old_weights.items()}
     assert meta["plan"]["trainable_params"] == expected["trainable_params"]
+    recorded = json.loads((ckpt / "studio_adapter.json").read_text())["plan"]
+    assert meta["plan"].get("expert_ids") == recorded.get("expert_ids")  # the same experts, not just as many
     old_config = json.loads((ckpt / "adapter_config.json").read_text())
     new_config = json.loads((Path(result.adapter_dir) / "adapter_config.json").read_text())
     for key in ("r", "lora_alpha", "target_modules", "target_parameters", "use_rslora", "peft_type"):
