@@ -9,10 +9,12 @@ and the threads that load adapters or tokenize each hold a team, and a decode st
 Measured on a 2-vCPU VM (torch 2.13, 2 torch threads):
 * a [12, 512] x [512, 512] matmul plus an add, in a loop: 96 us per pair, 302 us while another live thread held a
   team; 110 us with OMP_WAIT_POLICY=ACTIVE and GOMP_SPINCOUNT=300000;
-* a decode step of bench/serve.py's 64-expert model (12 rows): 105-120 ms with the library's default, 62-65 ms
-  with these settings; one torch thread took 62 ms either way; GOMP_SPINCOUNT alone did not help;
-* a training step (bench/train_step.py, one thread of its own) was unchanged, so training entry points keep the
-  library's default.
+* a decode step of bench/serve.py's 64-expert model (12 rows), kinds alternating every step: 98-123 ms with the
+  library's default, 62-65 ms with these settings in the same hour (later in the day, with the machine slower,
+  107 against 123 ms); one torch thread took 62 ms either way; GOMP_SPINCOUNT alone did not help;
+* `studio serve`, 1 / 8 / 32 concurrent streams: 1.25-1.82x the decode tokens/s (BENCHMARKS.md, fifth pass);
+* a training step (bench/train_step.py --isolation inline, 2 torch threads) was unchanged within noise, so the
+  training entry points keep the library's default.
 
 GOMP_SPINCOUNT bounds the spin (300000 rounds, libgomp's documented default: a few milliseconds), so an idle
 process sleeps: 0.009 CPU-seconds over 3 idle seconds, against 3.0 with OMP_WAIT_POLICY=ACTIVE alone (its spin is
