@@ -77,11 +77,11 @@ def read_adapter(adapter_dir: str | os.PathLike) -> AdapterFiles:
     one module: the first listed parameter sits innermost, under one `.base_layer` per parameter listed after it."""
     from safetensors.torch import load_file
 
-    from studio.lora.io import read_adapter_metadata
+    from studio.lora.io import read_adapter_config, read_adapter_metadata
 
     d = Path(adapter_dir)
+    config = read_adapter_config(d)
     try:
-        config = json.loads((d / "adapter_config.json").read_text())
         weights = load_file(str(d / "adapter_model.safetensors"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{d} is not a readable PEFT adapter directory: {exc}") from exc

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from studio.errors import ModelError
+from studio.errors import ModelError, read_json_object
 from studio.lora.layers import SlotLinear
 from studio.lora.plan import LoraPlan, LoraSettings
 from studio.moe.experts import StudioExperts
@@ -228,26 +228,13 @@ def _sort_config_lists(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _json_object(path: Path, fix: str) -> dict:
-    """A JSON file that must hold an object, or a ModelError naming the file, where it broke and `fix`."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); {fix}") \
-            from None
-    except UnicodeDecodeError as exc:
-        raise ModelError(f"{path} is not UTF-8 text (byte {exc.start}); {fix}") from None
-    if not isinstance(obj, dict):
-        raise ModelError(f"{path} must hold a JSON object, not {type(obj).__name__}; {fix}")
-    return obj
-
-
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     """A saved adapter's adapter_config.json (PEFT's), or a ModelError saying what is wrong with it."""
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.exists():
         raise ModelError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-    return _json_object(path, "save the adapter again, or restore the file from the registry or a remote store")
+    return read_json_object(path, ModelError,
+                            "save the adapter again, or restore the file from the registry or a remote store")
 
 
 def read_adapter_metadata(adapter_dir: str | os.PathLike) -> dict:
@@ -256,8 +243,8 @@ def read_adapter_metadata(adapter_dir: str | os.PathLike) -> dict:
     path = Path(adapter_dir) / METADATA_FILE
     if not path.exists():
         return {}
-    return _json_object(path, "restore it, or delete it to use the adapter as plain PEFT files without the studio's "
-                              "lineage and plan")
+    return read_json_object(path, ModelError, "restore it, or delete it to use the adapter as plain PEFT files "
+                                              "without the studio's lineage and plan")
 
 
 def plan_from_config(model: nn.Module, adapter_dir: str | os.PathLike) -> LoraPlan:

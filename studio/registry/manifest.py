@@ -12,7 +12,7 @@ import math
 import struct
 from pathlib import Path, PurePosixPath
 
-from studio.errors import RegistryError
+from studio.errors import RegistryError, read_json_object
 from studio.registry.refs import DOMAIN_RE
 
 FORMAT = "studio.adapter-manifest/1"
@@ -102,23 +102,13 @@ def load_metadata(src: Path) -> dict:
     path = src / METADATA_FILE
     if not path.exists():
         return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"{path} is not valid JSON ({exc}); fix or regenerate it") from None
-    if not isinstance(meta, dict):
-        raise RegistryError(f"{path} must hold a JSON object with the studio metadata (domain, base, dataset, ...)")
+    meta = read_json_object(path, RegistryError,
+                            "it holds the studio metadata (domain, base, dataset, ...): fix or regenerate it")
     return json_safe(meta)
 
 
 def check_json_object(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"{path} is not valid JSON ({exc}); re-save the adapter") from None
-    if not isinstance(obj, dict):
-        raise RegistryError(f"{path} must be a JSON object")
-    return obj
+    return read_json_object(path, RegistryError, "re-save the adapter")
 
 
 def _safe_relpath(p) -> bool:
