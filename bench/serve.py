@@ -169,36 +169,52 @@ def stream_bench(args, device: str, base_ref: str, registry_root: Path, models: 
         log.close()
 
 
-def operator_profile(engine, prompts, kinds, params, top: int = 12) -> dict:
-    """Self CPU time per operator (ms) of one batch of each kind under torch.profiler: the prompts' prefill and
-    `params.max_tokens` greedy decode steps, run on this thread (the profiler sees only the thread that starts it,
-    not the engine's scheduler) with the engine's model and slots. Prints, for the adapter kinds, the operators
-    whose self time grew most over the bare base's: where the adapter overhead goes."""
+def direct_decoder(engine, prompts, kinds):
+    """The engine's model and slots driven on the calling thread (the profiler sees only the thread that starts it,
+    and per-step timing needs the forwards in its own hands; the engine's scheduler runs elsewhere): the prompts cut
+    to one length (no padding or attention mask needed) as ids, and step(kind, input_ids, cache=None) -> (the next
+    greedy ids, the cache), a forward of `kind`'s rows (a new cache for the prefill). Call it under
+    engine.model_lock and torch.no_grad()."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
     from transformers.cache_utils import DynamicCache
 
     model, slots = engine.model, engine.residency.slots
     encoded = [engine.tokenizer(p).input_ids for p in prompts]
-    width = min(len(e) for e in encoded)  # cut to one length: no padding or attention mask needed
+    width = min(len(e) for e in encoded)
     ids = torch.tensor([e[:width] for e in encoded], device=engine.device)
     slot_of = {ref: engine.residency.entries[ref].slot for ref in engine.resident()}
+    rows = {kind: [None if a is None else slot_of[a] for a in adapters] for kind, adapters in kinds.items()}
 
-    def run(rows):
-        cache = DynamicCache(config=model.config)
-        step = ids
+    def step(kind, input_ids, cache=None):
+        cache = DynamicCache(config=model.config) if cache is None else cache
+        with slots.rows(rows[kind], device=engine.device):
+            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1:].argmax(-1), out.past_key_values
+
+    return ids, step
+
+
+def operator_profile(engine, prompts, kinds, params, top: int = 12) -> dict:
+    """Self CPU time per operator (ms) of one batch of each kind under torch.profiler: the prompts' prefill and
+    `params.max_tokens` greedy decode steps, run on this thread with the engine's model and slots (direct_decoder).
+    Prints, for the adapter kinds, the operators whose self time grew most over the bare base's: where the adapter
+    overhead goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    ids, step = direct_decoder(engine, prompts, kinds)
+
+    def run(kind):
+        token, cache = ids, None
         for _ in range(params.max_tokens):
-            with slots.rows(rows, device=engine.device):
-                out = model(input_ids=step, past_key_values=cache, use_cache=True)
-            cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            token, cache = step(kind, token, cache)
 
     self_ms = {}
     with engine.model_lock, torch.no_grad():
-        for kind, adapters in kinds.items():
-            rows = [None if a is None else slot_of[a] for a in adapters]
-            run(rows)  # warm
+        for kind in kinds:
+            run(kind)  # warm
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                run(rows)
+                run(kind)
             self_ms[kind] = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
     base = self_ms["base"]
     for kind in kinds:
@@ -219,33 +235,21 @@ def paired_steps(engine, prompts, kinds, params, rounds: int) -> dict:
     milliseconds, where whole rounds of `engine.generate` are seconds apart. Per kind: the median step time (ms);
     per pair: the median over steps of the paired ratio. Each round starts from the prompts' prefill (not timed:
     it is in the rounds above) and runs `params.max_tokens` - 1 greedy steps, on this thread with the engine's
-    model and slots (as operator_profile). Only the forward is timed: no sampling, scheduling or detokenizing."""
+    model and slots (direct_decoder). Only the forward is timed: no sampling, scheduling or detokenizing."""
     import torch
-    from transformers.cache_utils import DynamicCache
 
-    model, slots = engine.model, engine.residency.slots
-    encoded = [engine.tokenizer(p).input_ids for p in prompts]
-    width = min(len(e) for e in encoded)  # cut to one length: no padding or attention mask needed
-    ids = torch.tensor([e[:width] for e in encoded], device=engine.device)
-    slot_of = {ref: engine.residency.entries[ref].slot for ref in engine.resident()}
-    rows = {kind: [None if a is None else slot_of[a] for a in adapters] for kind, adapters in kinds.items()}
+    ids, step = direct_decoder(engine, prompts, kinds)
     sync = torch.cuda.synchronize if str(engine.device).startswith("cuda") else (lambda: None)
     times = {kind: [] for kind in kinds}
-
-    def forward(kind, step, cache):
-        with slots.rows(rows[kind], device=engine.device):
-            out = model(input_ids=step, past_key_values=cache, use_cache=True)
-        return out.logits[:, -1:].argmax(-1), out.past_key_values
-
     with engine.model_lock, torch.no_grad():
         for _ in range(rounds):
-            state = {kind: forward(kind, ids, DynamicCache(config=model.config)) for kind in kinds}
+            state = {kind: step(kind, ids) for kind in kinds}
             order = list(kinds)
             for i in range(params.max_tokens - 1):
                 for kind in order[i % len(order):] + order[:i % len(order)]:
                     sync()
                     t0 = time.perf_counter()
-                    state[kind] = forward(kind, *state[kind])
+                    state[kind] = step(kind, *state[kind])
                     sync()
                     times[kind].append(time.perf_counter() - t0)
 
