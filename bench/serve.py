@@ -21,9 +21,12 @@ AND routed experts (random non-zero factors, rank 16; a trained adapter costs th
            medians and the median of each round's paired ratios are printed beside them, with the load average.
            --profile adds torch.profiler's operators whose self time grows most over the base's. Targets:
            mixed / single >= 0.9; single / base >= 0.9 (adapter overhead at most 10%).
-* steps:   the model's forward alone per decode step, the three kinds alternating every step (--step-rounds rounds
-           of new-tokens - 1 steps each): medians of the steps' paired ratios, less exposed to a shared machine's
-           slow spells than whole rounds, and without the engine's sampling and scheduling.
+* forwards: the model's forwards alone, the three kinds alternating every forward (--step-rounds rounds, each a
+           prefill of the prompts and new-tokens - 1 decode steps per kind): a round of forwards per kind (median
+           prefill + new-tokens - 1 median steps) and the ratios of those, with the targets again, and the medians of
+           the steps' paired ratios. A shared machine's slow spells then fall on every kind within milliseconds,
+           where the rounds above are seconds apart; they leave out the engine's sampling, scheduling and
+           detokenizing, which cost every kind the same.
 * streams (--streams): a `studio serve` subprocess on the same base and adapters; N concurrent OpenAI streaming
            clients (the three adapters and the base in turn), decode tokens/s summed over the streams.
 
@@ -75,8 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default). On small CPU machines 1 thread avoids OpenMP "
                         "wake-up costs on the many small decode ops")
-    p.add_argument("--step-rounds", type=int, default=3,
-                   help="rounds of the per-decode-step measurement (kinds alternating every step); 0: skip")
+    p.add_argument("--step-rounds", type=int, default=5,
+                   help="rounds of the alternating-forwards measurement (kinds alternating every forward); 0: skip")
     p.add_argument("--openmp", default="studio", choices=["studio", "library"],
                    help="studio: the OpenMP wait settings `studio serve` runs with (studio/_openmp.py); library: "
                         "libgomp's defaults, for an A/B (set before torch is imported; the streams' server inherits "
@@ -230,35 +233,53 @@ def operator_profile(engine, prompts, kinds, params, top: int = 12) -> dict:
 
 
 def paired_steps(engine, prompts, kinds, params, rounds: int) -> dict:
-    """The model's forward per decode step, the kinds alternating every step (each with a cache of its own, the
-    order rotated every step): a slow spell of other work on a shared machine then falls on all kinds within
-    milliseconds, where whole rounds of `engine.generate` are seconds apart. Per kind: the median step time (ms);
-    per pair: the median over steps of the paired ratio. Each round starts from the prompts' prefill (not timed:
-    it is in the rounds above) and runs `params.max_tokens` - 1 greedy steps, on this thread with the engine's
-    model and slots (direct_decoder). Only the forward is timed: no sampling, scheduling or detokenizing."""
+    """The model's forwards, the kinds alternating every forward (each with a cache of its own, the order rotated
+    every time): a slow spell of other work on a shared machine then falls on all kinds within milliseconds, where
+    whole rounds of `engine.generate` are seconds apart. Each round runs every kind's prefill of the prompts, then
+    `params.max_tokens` - 1 greedy decode steps, on this thread with the engine's model and slots (direct_decoder).
+    Only the forwards are timed: no sampling, scheduling or detokenizing, which cost every kind the same.
+
+    Per kind: the median prefill and decode step (ms), and a round of forwards, the median prefill plus
+    max_tokens - 1 median steps (what a round of the engine runs on the model). Per pair of kinds: the ratio of
+    those rounds (tokens/s), and the median over steps of the steps' paired ratio."""
     import torch
 
     ids, step = direct_decoder(engine, prompts, kinds)
     sync = torch.cuda.synchronize if str(engine.device).startswith("cuda") else (lambda: None)
     times = {kind: [] for kind in kinds}
+    prefills = {kind: [] for kind in kinds}
+    order = list(kinds)
+
+    def timed(kind, *state):
+        sync()
+        t0 = time.perf_counter()
+        out = step(kind, *state)
+        sync()
+        return out, time.perf_counter() - t0
+
     with engine.model_lock, torch.no_grad():
-        for _ in range(rounds):
-            state = {kind: step(kind, ids) for kind in kinds}
-            order = list(kinds)
+        for r in range(rounds):
+            state = {}
+            for kind in order[r % len(order):] + order[:r % len(order)]:
+                state[kind], seconds = timed(kind, ids)
+                prefills[kind].append(seconds)
             for i in range(params.max_tokens - 1):
                 for kind in order[i % len(order):] + order[:i % len(order)]:
-                    sync()
-                    t0 = time.perf_counter()
-                    state[kind] = step(kind, *state[kind])
-                    sync()
-                    times[kind].append(time.perf_counter() - t0)
+                    state[kind], seconds = timed(kind, *state[kind])
+                    times[kind].append(seconds)
 
     def paired(a, b):
         return statistics.median(x / y for x, y in zip(times[b], times[a]))  # tokens/s ratio a / b
 
-    return {"step_ms_median": {k: statistics.median(v) * 1e3 for k, v in times.items()},
-            "steps": len(times["base"]), "single_over_base": paired("single", "base"),
-            "mixed_over_single": paired("mixed", "single"), "mixed_over_base": paired("mixed", "base")}
+    step_ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    prefill_ms = {k: statistics.median(v) * 1e3 for k, v in prefills.items()}
+    round_ms = {k: prefill_ms[k] + (params.max_tokens - 1) * step_ms[k] for k in kinds}
+    return {"step_ms_median": step_ms, "prefill_ms_median": prefill_ms, "round_of_forwards_ms": round_ms,
+            "steps": len(times["base"]), "rounds": rounds,
+            "single_over_base": paired("single", "base"), "mixed_over_single": paired("mixed", "single"),
+            "mixed_over_base": paired("mixed", "base"),
+            "forwards_single_over_base": round_ms["base"] / round_ms["single"],
+            "forwards_mixed_over_single": round_ms["single"] / round_ms["mixed"]}
 
 
 def main(argv=None) -> int:
@@ -401,20 +422,26 @@ def main(argv=None) -> int:
     for k in kinds:
         print(f"tokens/s {k:<8} best / median  {tps[k]:9.1f} / {medians[k]:.1f}   "
               f"(rounds: {', '.join(f'{x:.1f}' for x in rates[k])})")
-    print(f"mixed / single-adapter:         {results['mixed_over_single']:9.2f}x  (target >= {MIXED_TARGET}: "
+    print(f"mixed / single-adapter, rounds: {results['mixed_over_single']:9.2f}x  (target >= {MIXED_TARGET}: "
           f"{met(results['mixed_over_single'] >= MIXED_TARGET)})")
-    print(f"single-adapter / bare base:     {results['single_over_base']:9.2f}x  (target >= {OVERHEAD_TARGET}: "
+    print(f"single-adapter / bare base, rounds: {results['single_over_base']:5.2f}x  (target >= {OVERHEAD_TARGET}: "
           f"{met(results['single_over_base'] >= OVERHEAD_TARGET)})")
-    print(f"mixed / bare base:              {results['mixed_over_base']:9.2f}x")
-    print(f"(medians: mixed / single {medians['mixed'] / medians['single']:.2f}x, single / base "
+    print(f"mixed / bare base, rounds:      {results['mixed_over_base']:9.2f}x")
+    print(f"(rounds' medians: mixed / single {medians['mixed'] / medians['single']:.2f}x, single / base "
           f"{medians['single'] / medians['base']:.2f}x; median of the rounds' paired ratios: mixed / single "
           f"{paired['mixed_over_single']:.2f}x, single / base {paired['single_over_base']:.2f}x)")
     if steps:
-        ms = steps["step_ms_median"]
-        print(f"decode step, kinds alternating every step ({steps['steps']} steps each): median base "
-              f"{ms['base']:.1f} ms, single {ms['single']:.1f} ms, mixed {ms['mixed']:.1f} ms; medians of the "
-              f"steps' paired ratios: single / base {steps['single_over_base']:.2f}x, mixed / single "
-              f"{steps['mixed_over_single']:.2f}x, mixed / base {steps['mixed_over_base']:.2f}x")
+        ms, pre, fw = steps["step_ms_median"], steps["prefill_ms_median"], steps["round_of_forwards_ms"]
+        print(f"forwards, kinds alternating every forward ({steps['rounds']} prefills and {steps['steps']} decode "
+              f"steps each), medians base / single / mixed: prefill {pre['base']:.1f} / {pre['single']:.1f} / "
+              f"{pre['mixed']:.1f} ms, decode step {ms['base']:.1f} / {ms['single']:.1f} / {ms['mixed']:.1f} ms; "
+              f"a round of forwards {fw['base']:.0f} / {fw['single']:.0f} / {fw['mixed']:.0f} ms")
+        print(f"mixed / single-adapter, forwards: {steps['forwards_mixed_over_single']:7.2f}x  (target >= "
+              f"{MIXED_TARGET}: {met(steps['forwards_mixed_over_single'] >= MIXED_TARGET)})")
+        print(f"single-adapter / bare base, forwards: {steps['forwards_single_over_base']:3.2f}x  (target >= "
+              f"{OVERHEAD_TARGET}: {met(steps['forwards_single_over_base'] >= OVERHEAD_TARGET)})")
+        print(f"(medians of the decode steps' paired ratios: single / base {steps['single_over_base']:.2f}x, "
+              f"mixed / single {steps['mixed_over_single']:.2f}x, mixed / base {steps['mixed_over_base']:.2f}x)")
     print(f"load average (1, 5, 15 min) before the rounds {', '.join(f'{x:.2f}' for x in load_before)}, after "
           f"{', '.join(f'{x:.2f}' for x in load_after)} on {os.cpu_count()} CPUs")
     for n, v in streams.items():

@@ -41,6 +41,21 @@ def spin_between_operators(environ=None) -> bool:
     return True
 
 
+def slow_decoding_warning(device, threads: int, environ=None) -> str | None:
+    """For an Engine built in one's own program (where no entry point set SETTINGS before torch loaded): why CPU
+    decoding there runs slower than under `studio serve`, and the fix; None when it does not apply (another device,
+    one torch thread, SETTINGS or either variable set, or STUDIO_OPENMP=library)."""
+    environ = os.environ if environ is None else environ
+    if (str(device) != "cpu" or threads < 2 or environ.get(OPT_OUT) == "library"
+            or any(name in environ for name in SETTINGS)):
+        return None
+    return (f"torch runs {threads} OpenMP threads with libgomp's default wait policy: CPU decoding runs 1.15-1.9x "
+            "slower than it could once the engine's scheduler thread holds an OpenMP team of its own "
+            "(studio/_openmp.py). Start Python with OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000, as `studio serve`, "
+            "`studio ui` and `studio eval` do for themselves, or call studio._openmp.spin_between_operators() before "
+            "torch is imported; STUDIO_OPENMP=library keeps the defaults and silences this")
+
+
 def describe(environ=None) -> str:
     """The OpenMP wait settings in effect, for logs and benchmark headers."""
     environ = os.environ if environ is None else environ

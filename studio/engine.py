@@ -35,6 +35,7 @@ from typing import Iterator
 
 import torch
 
+from studio import _openmp
 from studio.errors import RequestError, StudioError
 from studio.serving import sampling
 from studio.serving.detokenize import Detokenizer
@@ -61,6 +62,9 @@ class Engine:
         self.model = self.base.model
         self.tokenizer = self.base.tokenizer
         self.device = next(self.model.parameters()).device
+        slow = _openmp.slow_decoding_warning(self.device, torch.get_num_threads())
+        if slow:
+            logger.warning(slow)
         self.registry = registry if registry is not None else AdapterRegistry()
         self.max_resident = max_resident
         self.max_batch_size = max_batch_size

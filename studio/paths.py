@@ -11,6 +11,9 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
+# beside PEFT's adapter_config.json and adapter_model.safetensors in a saved adapter: the studio's own metadata
+# (domain, base, dataset, plan, metrics), written by studio.lora.io and read by it and by the registry
+METADATA_FILE = "studio_adapter.json"
 
 
 def repo_root() -> Path | None:

@@ -182,6 +182,40 @@ def test_skewed_routing_and_unused_slots():
     assert torch.equal(ours[2][20:, 1], torch.zeros(4))  # the sentinel slots' weights get no gradient
 
 
+def test_automatic_layout_follows_the_measured_costs():
+    """Routing's automatic layout (bench/expert_layouts.py): training keeps the padded grid while it wastes at most
+    MAX_PADDING_WASTE; CPU inference runs jagged with one torch thread (torch._grouped_mm's loop of matmuls was as
+    fast at decode and faster from 96 tokens on) and, with more threads, the padded grid at decode sizes (one bmm
+    instead of one OpenMP fork and join per expert, 25-30% faster) but jagged for prefills and skewed routing."""
+    g = torch.Generator().manual_seed(0)
+    decode = torch.rand(12, 64, generator=g).topk(8, -1).indices
+    prefill = torch.rand(384, 64, generator=g).topk(8, -1).indices
+    skewed = decode.clone()
+    skewed[:, 0] = 5  # every token's first choice: one expert holds 12 rows, the others about 1
+    threads = torch.get_num_threads()
+
+    def layout(index):
+        return grouped.Routing(index, 64).layout
+
+    def waste(index):
+        r = grouped.Routing(index, 64, "jagged")
+        return r.groups * r.cap / r.rows
+
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            assert (layout(decode), layout(prefill)) == ("padded", "jagged")
+            assert waste(skewed) > grouped.CPU_INFERENCE_MAX_PADDING_WASTE and layout(skewed) == "jagged"
+        for index in (decode, prefill):  # training: the padding-waste rule alone
+            assert layout(index) == ("padded" if waste(index) <= grouped.MAX_PADDING_WASTE else "jagged")
+        assert layout(prefill) == "padded"
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            assert (layout(decode), layout(prefill)) == ("jagged", "jagged")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_dropout_applies_in_training_only():
     _, modules = _experts("tiny-qwen3-moe", "4bit")
     module = modules[0]

@@ -177,9 +177,11 @@ def test_mixed_linear_slots_equal_the_per_row_reference(dense, monkeypatch):
 
 
 @pytest.mark.parametrize("grid", [True, False])
-def test_mixed_expert_slots_equal_uniform_runs_row_by_row(grid, monkeypatch):
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_mixed_expert_slots_equal_uniform_runs_row_by_row(grid, layout, monkeypatch):
     """A mixed batch through a model's ExpertSlots equals, row by row, the uniform forward of that row's slot (and
-    the bare base for base rows), for slots 1..3 (not starting at 0), on a grid or on grouped products."""
+    the bare base for base rows), for slots 1..3 (not starting at 0), on a grid or on grouped products, with the
+    base's rows in either layout (the mixed rows are gathered from it and added back into it)."""
     from studio.lora import layers
     from studio.lora.slots import LoraSlots
 
@@ -188,6 +190,7 @@ def test_mixed_expert_slots_equal_uniform_runs_row_by_row(grid, monkeypatch):
     lora = LoraSlots(loaded.model, max_slots=4, rank=4)
     path = next(n for n, m in loaded.model.named_modules() if type(m).__name__ == "StudioExperts")
     experts = loaded.model.get_submodule(path)
+    experts.grouped_layout = layout
     slots = lora._experts(path)
     g = torch.Generator().manual_seed(0)
     for slot in (1, 2, 3):

@@ -63,3 +63,41 @@ def test_too_late_once_torch_is_imported():
     got = _fresh("import torch\nfrom studio import _openmp\nset_ = _openmp.spin_between_operators()\n"
                  "import json; print(json.dumps({'set': set_, 'env': _openmp.describe()}))")
     assert got == {"set": False, "env": "OMP_WAIT_POLICY=(unset), GOMP_SPINCOUNT=(unset)"}
+
+
+@pytest.mark.parametrize("device, threads, env, warns", [
+    ("cpu", 2, {}, True),
+    ("cpu", 1, {}, False),                               # one thread: no team to wake
+    ("cuda:0", 8, {}, False),
+    ("cpu", 2, {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}, False),  # an entry point set them
+    ("cpu", 2, {"OMP_WAIT_POLICY": "PASSIVE"}, False),  # the user's own choice
+    ("cpu", 2, {"STUDIO_OPENMP": "library"}, False),
+])
+def test_slow_decoding_warning_names_the_fix_only_where_it_applies(device, threads, env, warns):
+    from studio import _openmp
+
+    got = _openmp.slow_decoding_warning(device, threads, environ=env)
+    if warns:
+        assert "OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000" in got and "STUDIO_OPENMP=library" in got
+    else:
+        assert got is None
+
+
+def test_an_engine_in_ones_own_program_warns_on_cpu_without_the_settings(monkeypatch, caplog):
+    """An Engine built in a user's program (no entry point set the variables before torch loaded) says so."""
+    import logging
+
+    import torch
+
+    from studio.engine import Engine
+
+    for name in NAMES:
+        monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="studio.engine"):
+            Engine("tiny-moe", device="cpu").close()
+    finally:
+        torch.set_num_threads(threads)
+    assert any("GOMP_SPINCOUNT=300000" in r.getMessage() for r in caplog.records), caplog.text

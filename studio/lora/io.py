@@ -22,9 +22,9 @@ from studio.errors import ModelError, read_json_object
 from studio.lora.layers import SlotLinear
 from studio.lora.plan import LoraPlan, LoraSettings
 from studio.moe.experts import StudioExperts
+from studio.paths import METADATA_FILE
 
 PREFIX = "base_model.model."
-METADATA_FILE = "studio_adapter.json"
 
 
 def _lora_layers(model: nn.Module):

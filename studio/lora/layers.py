@@ -389,16 +389,21 @@ class ExpertSlots(nn.Module):
 
     def _mixed_routing(self, hidden_states, top_k_index, routing: Routing):
         """The assignments sorted by (slot, expert), once per layer, over the slots lo..hi the batch uses (their
-        buffers are one view, [n * E, ...]), and where each of its rows sits among `routing`'s rows (by expert)."""
+        buffers are one view, [n * E, ...]), and where each of its rows sits in `routing`'s layout (flattened to
+        rows, or to the cells of the padded grid): one gather takes them out of x, one index_add puts them back."""
         e = self.num_experts
         lo, hi = self.batch.slot_range
         slot = self.batch.token_slot(hidden_states.shape[0]).to(top_k_index.device)[:, None]
         n = hi - lo + 1
         key = torch.where((slot >= 0) & (top_k_index < e), (slot - lo) * e + top_k_index, n * e)
-        by_slot = Routing(key, n * e, "auto", hidden_states.dtype)
-        position = torch.empty(top_k_index.numel(), dtype=torch.long, device=top_k_index.device)
-        position[routing.slot] = torch.arange(routing.rows, device=top_k_index.device)
-        return by_slot, position[by_slot.slot], lo, hi
+        # jagged: its rows are the gathered rows as they come; _expert_lora picks the grid or grouped products
+        by_slot = Routing(key, n * e, "jagged", hidden_states.dtype)
+        row = torch.arange(routing.rows, device=top_k_index.device)
+        if routing.layout == "padded":
+            row = routing.pad_index
+        where = torch.empty(top_k_index.numel(), dtype=torch.long, device=top_k_index.device)
+        where[routing.slot] = row
+        return by_slot, where[by_slot.slot], lo, hi
 
     def _project(self, owner, name, x, routing: Routing, mixed) -> torch.Tensor:
         filled = self.filled.get(name)
@@ -411,16 +416,16 @@ class ExpertSlots(nn.Module):
             return y.add_(_expert_lora(routing, x, A[s], B[s], x.dtype))
         if filled is None or not any(filled):
             return y
-        by_slot, position, lo, hi = mixed
+        by_slot, where, lo, hi = mixed
         if by_slot.groups == 0:
             return y
         # slots lo..hi over all experts: group g of by_slot is slot lo + g // E, expert g % E (a view, no copy)
         flat_a = A[lo:hi + 1].reshape(-1, *A.shape[2:])
         flat_b = B[lo:hi + 1].reshape(-1, *B.shape[2:])
-        rows = routing.from_layout(x).index_select(0, position)
-        d = by_slot.from_layout(_expert_lora(by_slot, by_slot.to_layout(rows), flat_a, flat_b, x.dtype))
-        y_rows = routing.from_layout(y)  # y itself in the jagged layout (added to in place: no autograd here)
-        y_rows.index_add_(0, position, d)  # _expert_lora gave x's dtype, the projection's
-        return routing.to_layout(y_rows) if routing.layout == "padded" else y_rows
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, where)
+        d = _expert_lora(by_slot, rows, flat_a, flat_b, x.dtype)  # x's dtype, the projection's
+        # y is the base's fresh output in `routing`'s layout: added to in place (no autograd here)
+        y.view(-1, y.shape[-1]).index_add_(0, where, d)
+        return y
 
 

@@ -93,16 +93,15 @@ class LoraSlots:
         cleared). Every tensor must fit: missing / unexpected keys and shape mismatches raise ModelError."""
         from safetensors.torch import load_file
 
-        from studio.lora.io import plan_from_config, read_adapter_config
+        from studio.lora.io import plan_from_config
 
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"slot {slot} out of range 0..{self.max_slots - 1}")
         plan = plan_from_config(self.model, adapter_dir)
         if plan.router_targets:
             raise ModelError("this adapter retrains the router; serving it beside other adapters is not supported yet")
-        cfg = read_adapter_config(adapter_dir)
-        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-        scaling = lora_scaling(r, alpha, bool(cfg.get("use_rslora")))
+        r = plan.settings.r  # plan_from_config read r, lora_alpha and use_rslora from adapter_config.json
+        scaling = lora_scaling(r, plan.settings.alpha, plan.settings.use_rslora)
         weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
         expected: dict[str, tuple[int, ...]] = {}
         for path in plan.linear_targets:

@@ -19,8 +19,17 @@ MiB = 2 ** 20
 # smaller ones cap the training peak. Overridable per module (`StudioExperts.workspace_bytes`) or globally.
 DEFAULT_WORKSPACE_BYTES = int(float(os.environ.get("STUDIO_EXPERT_WORKSPACE_MB", "16")) * MiB)
 # Padding every expert's rows to the largest group costs G * cap rows; beyond this factor of the real rows the
-# jagged layout is used instead (torch._grouped_mm, which also handles skewed routing without waste).
+# jagged layout is used instead (torch._grouped_mm, which also handles skewed routing without waste). The rule for
+# training, and for inference off the CPU.
 MAX_PADDING_WASTE = 2.0
+# Inference on the CPU, where torch._grouped_mm is a loop of one matmul per group (bench/expert_layouts.py, one layer
+# of the bench/serve.py models' experts): with one torch thread the loop was as fast as the padded bmm at decode
+# and 4-25% faster from 96 tokens on, so it is always jagged; with more threads every group's matmul pays an OpenMP
+# fork and join, and the padded bmm was 25-30% faster at decode (cap about 4) but 4-10% slower from 384 tokens
+# (cap 60 and more), so it is padded while the fullest group holds at most this many rows ...
+CPU_INFERENCE_PADDED_MAX_CAP = 32
+# ... and the padding stays within this factor of the real rows (a decode step of 12 rows sits at 2.1-2.2)
+CPU_INFERENCE_MAX_PADDING_WASTE = 4.0
 LAYOUTS = ("auto", "padded", "jagged")
 
 
@@ -31,11 +40,24 @@ def _pad16(n: int, element_size: int) -> int:
 
 
 def _grouped_mm_fast(device: torch.device, dtype: torch.dtype) -> bool:
-    """torch._grouped_mm has fused kernels for bf16 on sm90+ GPUs; elsewhere it loops over groups (CPU) or is
-    unsupported, and a padded batched matmul (one bmm) is faster."""
+    """torch._grouped_mm has fused kernels for bf16 on sm90+ GPUs; elsewhere it loops over the groups (CPU) or is
+    unsupported, and `_auto_layout` weighs it against a padded batched matmul (one bmm)."""
     if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _auto_layout(groups: int, cap: int, rows: int, device: torch.device, dtype: torch.dtype) -> str:
+    """The layout for `groups` hit groups of `rows` rows, the fullest holding `cap` (see the constants above)."""
+    if _grouped_mm_fast(device, dtype):
+        return "jagged"
+    waste = groups * cap / max(rows, 1)
+    if device.type != "cpu" or torch.is_grad_enabled():
+        return "jagged" if waste > MAX_PADDING_WASTE else "padded"
+    if (torch.get_num_threads() == 1 or cap > CPU_INFERENCE_PADDED_MAX_CAP
+            or waste > CPU_INFERENCE_MAX_PADDING_WASTE):
+        return "jagged"
+    return "padded"
 
 
 class _Rows(torch.autograd.Function):
@@ -108,10 +130,7 @@ class Routing:
         self.slot = order[: self.rows]
         self.cap = max(self.counts, default=0)
         if layout == "auto":
-            if _grouped_mm_fast(device, dtype) or self.groups * self.cap > MAX_PADDING_WASTE * max(self.rows, 1):
-                layout = "jagged"
-            else:
-                layout = "padded"
+            layout = _auto_layout(self.groups, self.cap, self.rows, device, dtype)
         if layout not in ("padded", "jagged"):
             raise ValueError(f"grouped layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout

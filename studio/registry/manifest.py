@@ -13,10 +13,10 @@ import struct
 from pathlib import Path, PurePosixPath
 
 from studio.errors import RegistryError, read_json_object
+from studio.paths import METADATA_FILE
 from studio.registry.refs import DOMAIN_RE
 
 FORMAT = "studio.adapter-manifest/1"
-METADATA_FILE = "studio_adapter.json"
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # PEFT can also write pickles (adapter_model.bin, training_args.bin): the registry never stores them
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
