@@ -236,8 +236,10 @@ def paired_steps(engine, prompts, kinds, params, rounds: int) -> dict:
     """The model's forwards, the kinds alternating every forward (each with a cache of its own, the order rotated
     every time): a slow spell of other work on a shared machine then falls on all kinds within milliseconds, where
     whole rounds of `engine.generate` are seconds apart. Each round runs every kind's prefill of the prompts, then
-    `params.max_tokens` - 1 greedy decode steps, on this thread with the engine's model and slots (direct_decoder).
-    Only the forwards are timed: no sampling, scheduling or detokenizing, which cost every kind the same.
+    `params.max_tokens` - 1 decode steps, on this thread with the engine's model and slots (direct_decoder). Every
+    kind decodes the bare base's greedy tokens, so all kinds run one token stream: each kind's own text would hit
+    other experts, and a step's cost follows the experts hit. Only the forwards are timed: no sampling, scheduling
+    or detokenizing, which cost every kind the same.
 
     Per kind: the median prefill and decode step (ms), and a round of forwards, the median prefill plus
     max_tokens - 1 median steps (what a round of the engine runs on the model). Per pair of kinds: the ratio of
@@ -259,13 +261,14 @@ def paired_steps(engine, prompts, kinds, params, rounds: int) -> dict:
 
     with engine.model_lock, torch.no_grad():
         for r in range(rounds):
-            state = {}
+            caches, tokens = {}, {}
             for kind in order[r % len(order):] + order[:r % len(order)]:
-                state[kind], seconds = timed(kind, ids)
+                (tokens[kind], caches[kind]), seconds = timed(kind, ids)
                 prefills[kind].append(seconds)
             for i in range(params.max_tokens - 1):
+                feed = tokens["base"]
                 for kind in order[i % len(order):] + order[:i % len(order)]:
-                    state[kind], seconds = timed(kind, *state[kind])
+                    (tokens[kind], caches[kind]), seconds = timed(kind, feed, caches[kind])
                     times[kind].append(seconds)
 
     def paired(a, b):
