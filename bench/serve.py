@@ -415,6 +415,10 @@ def main(argv=None) -> int:
         "streams": streams, "profile_self_ms": profile, "paired_steps": steps,
     }
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+
+    def ratio(label: str, value: float, target: float) -> None:
+        # three decimals: 0.897 must not print as a "0.90x" that is NOT met
+        print(f"{label + ':':<40}{value:6.3f}x  (target >= {target}: {met(value >= target)})")
     print(f"\nbase parameters: {params / 1e6:.1f}M; batch {args.batch_size} rows x {args.new_tokens} new tokens")
     print(f"adapter switch (resident):      {switch * 1e3:9.3f} ms")
     print(f"adapter load (LRU miss):        {cold_load * 1e3:9.3f} ms")
@@ -425,10 +429,8 @@ def main(argv=None) -> int:
     for k in kinds:
         print(f"tokens/s {k:<8} best / median  {tps[k]:9.1f} / {medians[k]:.1f}   "
               f"(rounds: {', '.join(f'{x:.1f}' for x in rates[k])})")
-    print(f"mixed / single-adapter, rounds: {results['mixed_over_single']:9.2f}x  (target >= {MIXED_TARGET}: "
-          f"{met(results['mixed_over_single'] >= MIXED_TARGET)})")
-    print(f"single-adapter / bare base, rounds: {results['single_over_base']:5.2f}x  (target >= {OVERHEAD_TARGET}: "
-          f"{met(results['single_over_base'] >= OVERHEAD_TARGET)})")
+    ratio("mixed / single-adapter, rounds", results["mixed_over_single"], MIXED_TARGET)
+    ratio("single-adapter / bare base, rounds", results["single_over_base"], OVERHEAD_TARGET)
     print(f"mixed / bare base, rounds:      {results['mixed_over_base']:9.2f}x")
     print(f"(rounds' medians: mixed / single {medians['mixed'] / medians['single']:.2f}x, single / base "
           f"{medians['single'] / medians['base']:.2f}x; median of the rounds' paired ratios: mixed / single "
@@ -439,10 +441,8 @@ def main(argv=None) -> int:
               f"steps each), medians base / single / mixed: prefill {pre['base']:.1f} / {pre['single']:.1f} / "
               f"{pre['mixed']:.1f} ms, decode step {ms['base']:.1f} / {ms['single']:.1f} / {ms['mixed']:.1f} ms; "
               f"a round of forwards {fw['base']:.0f} / {fw['single']:.0f} / {fw['mixed']:.0f} ms")
-        print(f"mixed / single-adapter, forwards: {steps['forwards_mixed_over_single']:7.2f}x  (target >= "
-              f"{MIXED_TARGET}: {met(steps['forwards_mixed_over_single'] >= MIXED_TARGET)})")
-        print(f"single-adapter / bare base, forwards: {steps['forwards_single_over_base']:3.2f}x  (target >= "
-              f"{OVERHEAD_TARGET}: {met(steps['forwards_single_over_base'] >= OVERHEAD_TARGET)})")
+        ratio("mixed / single-adapter, forwards", steps["forwards_mixed_over_single"], MIXED_TARGET)
+        ratio("single-adapter / bare base, forwards", steps["forwards_single_over_base"], OVERHEAD_TARGET)
         print(f"(medians of the decode steps' paired ratios: single / base {steps['single_over_base']:.2f}x, "
               f"mixed / single {steps['mixed_over_single']:.2f}x, mixed / base {steps['mixed_over_base']:.2f}x)")
     print(f"load average (1, 5, 15 min) before the rounds {', '.join(f'{x:.2f}' for x in load_before)}, after "
