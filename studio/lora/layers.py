@@ -398,9 +398,8 @@ class ExpertSlots(nn.Module):
         key = torch.where((slot >= 0) & (top_k_index < e), (slot - lo) * e + top_k_index, n * e)
         # jagged: its rows are the gathered rows as they come; _expert_lora picks the grid or grouped products
         by_slot = Routing(key, n * e, "jagged", hidden_states.dtype)
-        row = torch.arange(routing.rows, device=top_k_index.device)
-        if routing.layout == "padded":
-            row = routing.pad_index
+        row = (routing.pad_index if routing.layout == "padded"
+               else torch.arange(routing.rows, device=top_k_index.device))
         where = torch.empty(top_k_index.numel(), dtype=torch.long, device=top_k_index.device)
         where[routing.slot] = row
         return by_slot, where[by_slot.slot], lo, hi
