@@ -149,7 +149,8 @@ def test_selective_factors_compute_the_full_layout_function_and_gradients(impl):
     experts.eval()
     with torch.no_grad():
         experts.active_adapters = ["sel"]
-        assert torch.allclose(experts(x, idx, w), outs["sel"], atol=1e-5)
+        # the inference product reads the factors transposed (the slot layout): other kernels, other rounding
+        assert torch.allclose(experts(x, idx, w), outs["sel"], atol=1e-4)
         a_all, _ = sel.inference_factors(experts.weight_names[0], torch.float32)
         assert a_all[[0, 2, 3, 5, 7]].abs().sum() == 0 and a_all[ids].abs().sum() > 0
 

@@ -140,7 +140,9 @@ def test_uniform_expert_lora_equals_the_per_row_reference(layout, grid, monkeypa
     rows = torch.randn(routing.rows, fan_in, generator=g)
     x = routing.to_layout(rows)
     y0 = torch.randn(routing.rows, fan_out, generator=g)
-    y = routing.to_layout(y0) + layers._expert_lora(routing, x, a, b)
+    # the slot layout holds the factors transposed: A^T [E, in, r], B^T [E, r, out]
+    a_t, b_t = a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous()
+    y = routing.to_layout(y0) + layers._expert_lora(routing, x, a_t, b_t)
     expert_of_row = routing.hit[routing.group_of_row]
     want = y0 + torch.stack([b[e] @ (a[e] @ rows[i]) for i, e in enumerate(expert_of_row.tolist())])
     assert torch.allclose(routing.from_layout(y), want, atol=1e-5)

@@ -2,7 +2,7 @@
 `target_parameters` layout (optionally over a selection of experts), held by a StudioExperts as `adapters[name]`.
 
 Owns PEFT's fused expert layout: the factors (expand / compact for expert selections), `peft_to_slot_layout`
-(PEFT's layout -> the expert-major slot layout A [E, r, in], B [E, out, r] scaled, which serving's slot buffers
+(PEFT's layout -> the expert-major slot layout A^T [E, in, r], B^T [E, r, out] scaled, which serving's slot buffers
 and this adapter's inference copies both hold) and the forms the expert products read (per-expert factors for the
 eager loop, the hit experts' factors for the grouped path through GroupedExpertProjection's fused backward). The
 serving slot buffers are ExpertSlots (studio/lora/layers.py); the quantized expert weights and the forward stay in
@@ -25,9 +25,13 @@ from studio.moe.grouped import Routing
 def peft_to_slot_layout(a: torch.Tensor, b: torch.Tensor, r: int, scaling: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's fused expert factors, lora_A [r*E, in] (expert-major rows) and lora_B [out, r*E] (rank-major
-    columns, expert fastest), as the slot layout: A [E, r, in] (a view) and scaling * B as [E, out, r]."""
+    columns, expert fastest), as the slot layout: A^T [E, in, r] (a view) and scaling * B^T as [E, r, out].
+
+    Transposed so that the products x A^T and (x A^T) B^T read each expert's factors as the plain right-hand
+    operand: batched matmuls over decode-sized grids took 0.7-0.95x the time of the transposed operands'
+    (bench/expert_lora_paths.py)."""
     e = a.shape[0] // r
-    return a.view(e, r, a.shape[-1]), b.view(b.shape[0], r, e).permute(2, 0, 1) * scaling
+    return a.view(e, r, a.shape[-1]).transpose(1, 2), b.view(b.shape[0], r, e).permute(2, 1, 0) * scaling
 
 
 class _SlotGather(torch.autograd.Function):
@@ -172,7 +176,7 @@ class ExpertAdapter(nn.Module):
         if self.slot(expert) is None:
             return None
         a_all, b_all = self.inference_factors(name, x.dtype)
-        return F.linear(F.linear(x, a_all[expert]), b_all[expert])
+        return (x @ a_all[expert]) @ b_all[expert]
 
     def grouped_factors(self, name: str, routing: Routing, dtype: torch.dtype
                         ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
@@ -211,7 +215,7 @@ class ExpertAdapter(nn.Module):
         return super().train(mode)
 
     def inference_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-expert contiguous factors for inference: A [E, r, in] and scaling * B as [E, out, r] (zeros for
+        """Per-expert contiguous factors for inference: A^T [E, in, r] and scaling * B^T as [E, r, out] (zeros for
         experts outside an expert selection): this adapter as one serving slot, the layout of the slot buffers.
 
         lora_B's expert slice is strided (PEFT's rank-major column layout), which makes every small matmul copy

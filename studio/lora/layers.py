@@ -2,7 +2,7 @@
 `ExpertSlots` (a StudioExperts' serving slot buffers), the per-forward `LoraBatch` and the expert LoRA product.
 
 Owns: the layers' slot buffers, as vLLM's punica wrapper: every SlotLinear holds A [S, R, in] and B^T [S, R, out],
-every ExpertSlots A [S, E, R, in] and B [S, E, out, R], for S = max_slots at the largest rank R seen so far, LoRA
+every ExpertSlots A^T [S, E, in, R] and B^T [S, E, R, out], for S = max_slots at the largest rank R seen so far, LoRA
 scaling folded into B, smaller ranks zero-padded (zero columns add nothing); the `LoraBatch` (token -> slot index,
 built once per forward on the device, read by every layer); and `_expert_lora`, the expert LoRA product on the hit
 experts (serving slots and an ExpertAdapter in inference run it). Which adapter is in which slot is not decided
@@ -293,16 +293,16 @@ def _grid_pays(routing: Routing, a: torch.Tensor, b: torch.Tensor) -> bool:
         return True
     if routing.cap > (GRID_MAX_CAP_ONE_THREAD if torch.get_num_threads() == 1 else GRID_MAX_CAP):
         return False
-    padding_macs = (routing.groups * routing.cap - routing.rows) * (a.shape[-1] + b.shape[1]) * a.shape[1]
+    padding_macs = (routing.groups * routing.cap - routing.rows) * (a.shape[1] + b.shape[2]) * a.shape[2]
     return padding_macs <= GRID_MACS_PER_GROUP * routing.groups
 
 
 def _expert_lora(routing: Routing, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """(x A_g^T) B_g^T for every row of `routing`'s layout x, g the row's group (its expert, or its (slot, expert)
-    pair in a mixed batch), in the same layout (inference only); a [groups, R, in], b [groups, out, R] hold the
-    factors of every group `routing` can hit, cast to `dtype` (if given) after the gather, so that buffers of
-    another dtype than the activations cost a copy of the hit groups' factors only.
+    pair in a mixed batch), in the same layout (inference only); a = A^T [groups, in, R] and b = B^T [groups, R, out]
+    (the slot layout) hold the factors of every group `routing` can hit, cast to `dtype` (if given) after the
+    gather, so that buffers of another dtype than the activations cost a copy of the hit groups' factors only.
 
     The hit groups' factors are gathered (a view when every group is hit) and the rows go through them as two
     batched matmuls over a padded [hit groups, cap] grid, or as grouped products where `_grid_pays` says the
@@ -313,22 +313,22 @@ def _expert_lora(routing: Routing, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     if dtype is not None:
         a, b = a.to(dtype), b.to(dtype)
     if routing.layout == "padded":  # x [G, cap, in] is the grid
-        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        return torch.bmm(torch.bmm(x, a), b)
     if not _grid_pays(routing, a, b):  # many rows per group (prefill) or skewed: grouped products on the jagged rows
-        return routing.mm(routing.mm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        return routing.mm(routing.mm(x, a), b)
     g, cap = routing.groups, routing.cap
     # x [rows, in], rows sorted by group, into the grid in one gather: padding cells get a copy of a real row
     # instead of zeros (no fill), and their products are never read back
     grid = x.index_select(0, routing.grid_rows())
-    d = torch.bmm(torch.bmm(grid.view(g, cap, -1), a.transpose(1, 2)), b.transpose(1, 2))
+    d = torch.bmm(torch.bmm(grid.view(g, cap, -1), a), b)
     return d.view(g * cap, -1).index_select(0, routing.grid_index())
 
 
 class ExpertSlots(nn.Module):
-    """Serving LoRA slots of one StudioExperts module: slot buffers per targeted fused projection, A [S, E, R, in],
-    B [S, E, out, R] (expert-major, scaled; studio.lora.experts.peft_to_slot_layout converts a saved adapter's
-    factors to it), installed as `experts.lora_slots`. StudioExperts.forward hands over to `forward` when the batch
-    has LoRA rows. Inference only: an adapter trains as an ExpertAdapter (studio/lora/experts.py)."""
+    """Serving LoRA slots of one StudioExperts module: slot buffers per targeted fused projection, A^T [S, E, in, R],
+    B^T [S, E, R, out] (expert-major, transposed, scaled; studio.lora.experts.peft_to_slot_layout converts a saved
+    adapter's factors to it), installed as `experts.lora_slots`. StudioExperts.forward hands over to `forward` when
+    the batch has LoRA rows. Inference only: an adapter trains as an ExpertAdapter (studio/lora/experts.py)."""
 
     def __init__(self, owner: StudioExperts, batch: LoraBatch, max_slots: int, rank: int, dtype: torch.dtype):
         super().__init__()
@@ -340,27 +340,27 @@ class ExpertSlots(nn.Module):
         device = next(iter(owner.buffers()), next(iter(owner.parameters()), torch.empty(0))).device
         for name in owner.weight_names:
             e, fan_in, fan_out, _ = owner.layout(name)
-            self.lora_A[name] = nn.Parameter(torch.zeros(max_slots, e, rank, fan_in, dtype=dtype, device=device),
+            self.lora_A[name] = nn.Parameter(torch.zeros(max_slots, e, fan_in, rank, dtype=dtype, device=device),
                                              requires_grad=False)
-            self.lora_B[name] = nn.Parameter(torch.zeros(max_slots, e, fan_out, rank, dtype=dtype, device=device),
+            self.lora_B[name] = nn.Parameter(torch.zeros(max_slots, e, rank, fan_out, dtype=dtype, device=device),
                                              requires_grad=False)
         self.filled = {name: [False] * max_slots for name in owner.weight_names}
 
     def grow(self, rank: int) -> None:
         for name in list(self.lora_A):
-            s, e, _, i = self.lora_A[name].shape
-            o = self.lora_B[name].shape[2]
-            self.lora_A[name] = nn.Parameter(_grow(self.lora_A[name].data, (s, e, rank, i)), requires_grad=False)
-            self.lora_B[name] = nn.Parameter(_grow(self.lora_B[name].data, (s, e, o, rank)), requires_grad=False)
+            s, e, i, _ = self.lora_A[name].shape
+            o = self.lora_B[name].shape[3]
+            self.lora_A[name] = nn.Parameter(_grow(self.lora_A[name].data, (s, e, i, rank)), requires_grad=False)
+            self.lora_B[name] = nn.Parameter(_grow(self.lora_B[name].data, (s, e, rank, o)), requires_grad=False)
 
     def write(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        """a [E, r, in], b [E, out, r] already scaled."""
-        r = a.shape[1]
+        """a [E, in, r], b [E, r, out] (the slot layout, studio.lora.experts.peft_to_slot_layout) already scaled."""
+        r = a.shape[2]
         A, B = self.lora_A[name].data, self.lora_B[name].data
         A[slot].zero_()
         B[slot].zero_()
-        A[slot, :, :r] = a.to(A.dtype)
-        B[slot, :, :, :r] = b.to(B.dtype)
+        A[slot, :, :, :r] = a.to(A.dtype)
+        B[slot, :, :r] = b.to(B.dtype)
         self.filled[name][slot] = True
 
     def clear(self, slot: int) -> None:
