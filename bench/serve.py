@@ -20,7 +20,9 @@ AND routed experts (random non-zero factors, rank 16; a trained adapter costs th
            use each kind's best round (the round least disturbed by other work on a shared machine), and the
            medians and the median of each round's paired ratios are printed beside them, with the load average.
            --profile adds torch.profiler's operators whose self time grows most over the base's. Targets:
-           mixed / single >= 0.9; single / base >= 0.9 (adapter overhead at most 10%).
+           mixed / single >= 0.9; single / base >= 0.9 (adapter overhead at most 10%). Each kind generates its
+           own text: the share of its tokens equal to the bare base's is printed (--adapter-scale sets how far
+           the random adapters move the outputs).
 * forwards: the model's forwards alone, the three kinds alternating every forward (--step-rounds rounds, each a
            prefill of the prompts and new-tokens - 1 decode steps per kind): a round of forwards per kind (median
            prefill + new-tokens - 1 median steps) and the ratios of those, with the targets again, and the medians of
