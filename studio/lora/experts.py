@@ -28,8 +28,9 @@ def peft_to_slot_layout(a: torch.Tensor, b: torch.Tensor, r: int, scaling: float
     columns, expert fastest), as the slot layout: A^T [E, in, r] (a view) and scaling * B^T as [E, r, out].
 
     Transposed so that the products x A^T and (x A^T) B^T read each expert's factors as the plain right-hand
-    operand: batched matmuls over decode-sized grids took 0.7-0.95x the time of the transposed operands'
-    (bench/expert_lora_paths.py)."""
+    operand: in the served models a single adapter's added time per decode step fell to 0.44-0.81x of the
+    transposed operands' (BENCHMARKS.md, serving with LoRA slots, seventh pass; bench/expert_lora_paths.py keeps
+    the untransposed grid as a reference column)."""
     e = a.shape[0] // r
     return a.view(e, r, a.shape[-1]).transpose(1, 2), b.view(b.shape[0], r, e).permute(2, 1, 0) * scaling
 
